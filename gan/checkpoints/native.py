@@ -1,0 +1,80 @@
+"""Our own format: safetensors with one JSON metadata entry (architecture, lineage, content hash).
+
+Tensor names: ``g_ema.<rosinality name>``, ``d.<rosinality name>`` (optional), ``w_avg``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from gan.checkpoints.common import CheckpointData, CheckpointError, content_hash
+from gan.networks import GeneratorConfig
+
+FORMAT_VERSION = 1
+META_KEY = "toonify"
+
+
+def write_native(data: CheckpointData, path: str | Path) -> None:
+    tensors = {f"g_ema.{k}": v.contiguous() for k, v in data.generator_state.items()}
+    if data.w_avg is not None:
+        tensors["w_avg"] = data.w_avg.reshape(-1).contiguous()
+    if data.discriminator_state is not None:
+        tensors.update({f"d.{k}": v.contiguous() for k, v in data.discriminator_state.items()})
+    meta = dict(data.meta)
+    meta["format_version"] = FORMAT_VERSION
+    meta["generator"] = data.generator_config.to_json()
+    meta["content_hash"] = content_hash(data.generator_state)
+    meta.setdefault("ancestors", [])
+    if data.discriminator_config is not None:
+        res, ch = data.discriminator_config
+        meta["discriminator"] = {"resolution": res, "channels": {str(k): v for k, v in ch.items()}}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
+
+
+def read_native(path: str | Path) -> CheckpointData:
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+    if raw is None:
+        raise CheckpointError(f"{path}: safetensors file without toonify metadata")
+    try:
+        meta = json.loads(raw)
+        config = GeneratorConfig.from_json(meta["generator"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad metadata ({e})") from e
+    g = {k[6:]: v for k, v in tensors.items() if k.startswith("g_ema.")}
+    d = {k[2:]: v for k, v in tensors.items() if k.startswith("d.")} or None
+    d_cfg = None
+    if d is not None and "discriminator" in meta:
+        dm = meta["discriminator"]
+        d_cfg = (int(dm["resolution"]), {int(k): int(v) for k, v in dm["channels"].items()})
+    if meta.get("content_hash") and meta["content_hash"] != content_hash(g):
+        raise CheckpointError(f"{path}: weights do not match the recorded content hash (corrupted file?)")
+    return CheckpointData(
+        generator_state=g,
+        generator_config=config,
+        w_avg=tensors.get("w_avg"),
+        discriminator_state=d,
+        discriminator_config=d_cfg,
+        meta=meta,
+        source_format="native",
+    )
+
+
+def native_metadata(path: str | Path) -> dict:
+    """Only the metadata of a native checkpoint (cheap: reads the header)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {})[META_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: no readable toonify metadata ({e})") from e

@@ -1,0 +1,94 @@
+"""An allow-listing unpickler for NVIDIA StyleGAN2 pickles (PyTorch and TensorFlow).
+
+NVIDIA's own loader executes the ``module_src`` embedded in every PyTorch pickle; any pickle can also name
+``os.system`` or similar as a global. Here ``find_class`` returns only harmless stand-ins and data rebuild
+functions; every other global raises :class:`UnsafePickleError` before anything is called.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle names a global outside the allow-list."""
+
+
+class PersistentObject:
+    """Stand-in for an NVIDIA ``persistent_class`` instance: keeps the class name and pickled state only.
+
+    The embedded ``module_src`` is dropped unread: it is never executed."""
+
+    def __init__(self, meta: dict) -> None:
+        self.class_name: str = str(meta.get("class_name", ""))
+        self.state: Any = meta.get("state")
+
+    def __repr__(self) -> str:
+        return f"PersistentObject({self.class_name})"
+
+
+def _reconstruct_persistent_obj(meta: dict) -> PersistentObject:
+    if not isinstance(meta, dict) or meta.get("type") != "class":
+        raise UnsafePickleError("unexpected persistent object metadata")
+    return PersistentObject(meta)
+
+
+class TFNetworkStub(dict):
+    """Stand-in for ``dnnlib.tflib.network.Network``: its pickled state is a plain dict."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.update(state)
+
+
+class EasyDict(dict):
+    def __setstate__(self, state: dict) -> None:
+        self.update(state)
+
+
+def _load_torch_bytes(b: bytes) -> Any:
+    # Nested storages inside NVIDIA pickles are torch.save blobs: load them with weights_only as well.
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("dnnlib.tflib.network", "Network"): TFNetworkStub,
+    ("dnnlib.util", "EasyDict"): EasyDict,
+    ("dnnlib", "EasyDict"): EasyDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_torch_bytes,
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(f"global '{module}.{name}' is not allowed in a checkpoint") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("persistent ids are not allowed in a checkpoint pickle")
+
+
+def safe_load(f: io.BufferedIOBase) -> Any:
+    """Unpickle ``f`` allowing only the globals StyleGAN2 checkpoints need."""
+    return AllowListUnpickler(f).load()
