@@ -164,9 +164,10 @@ class EqualLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"expected [..., {self.weight.shape[1]}], got {list(x.shape)}")
+        w, b = (self.weight * self.scale).to(x.dtype), (self.bias * self.lr_mul).to(x.dtype)
         if self.activation:
-            return bias_lrelu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
-        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+            return bias_lrelu(F.linear(x, w), b)
+        return F.linear(x, w, b)
 
 
 class EqualConv2d(nn.Module):

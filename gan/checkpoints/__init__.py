@@ -59,12 +59,16 @@ def read_checkpoint(path: str | Path) -> CheckpointData:
     """Read any supported checkpoint file; raises :class:`CheckpointError` on anything else."""
     fmt = detect_format(path)
     if fmt == "native":
-        return read_native(path)
-    if fmt == "rosinality":
-        return read_rosinality(path)
-    from gan.checkpoints.nvidia import read_nvidia_pickle  # imported lazily: only pickles need it
+        data = read_native(path)
+    elif fmt == "rosinality":
+        data = read_rosinality(path)
+    else:
+        from gan.checkpoints.nvidia import read_nvidia_pickle  # imported lazily: only pickles need it
 
-    return read_nvidia_pickle(path)
+        data = read_nvidia_pickle(path)
+    # The identity of the weights, whatever container they came in: lineage checks compare these.
+    data.meta["content_hash"] = content_hash(data.generator_state)
+    return data
 
 
 def write_checkpoint(data: CheckpointData, path: str | Path, fmt: str | None = None) -> Path:

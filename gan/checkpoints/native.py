@@ -28,6 +28,7 @@ def write_native(data: CheckpointData, path: str | Path) -> None:
     meta["format_version"] = FORMAT_VERSION
     meta["generator"] = data.generator_config.to_json()
     meta["content_hash"] = content_hash(data.generator_state)
+    meta["file_hash"] = content_hash(tensors)
     meta.setdefault("ancestors", [])
     if data.discriminator_config is not None:
         res, ch = data.discriminator_config
@@ -58,8 +59,8 @@ def read_native(path: str | Path) -> CheckpointData:
     if d is not None and "discriminator" in meta:
         dm = meta["discriminator"]
         d_cfg = (int(dm["resolution"]), {int(k): int(v) for k, v in dm["channels"].items()})
-    if meta.get("content_hash") and meta["content_hash"] != content_hash(g):
-        raise CheckpointError(f"{path}: weights do not match the recorded content hash (corrupted file?)")
+    if meta.get("file_hash") and meta["file_hash"] != content_hash(tensors):
+        raise CheckpointError(f"{path}: tensors do not match the recorded content hash (corrupted file?)")
     return CheckpointData(
         generator_state=g,
         generator_config=config,
