@@ -268,11 +268,13 @@ class ConstantInput(nn.Module):
     def __init__(self, channels: int, size: int = 4) -> None:
         super().__init__()
         self.input = nn.Parameter(torch.randn(1, channels, size, size))
+        # channels_last makes the depthwise blurs and the convolutions markedly faster on CPU (and suits
+        # tensor cores on GPU); every later op keeps the layout it is handed.
+        self.channels_last = True
 
     def forward(self, batch: int) -> Tensor:
-        # channels_last makes the depthwise blurs and the convolutions markedly faster on CPU (and suits
-        # tensor cores on GPU); every later op keeps the layout.
-        return self.input.expand(batch, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.input.expand(batch, -1, -1, -1).contiguous(memory_format=fmt)
 
 
 class StyledConv(nn.Module):
