@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gan.networks import Generator, GeneratorConfig, default_channels  # noqa: E402
+from gan.networks import Generator, GeneratorConfig, default_channels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -32,7 +32,7 @@ def make_demo_pair(seed: int = 0) -> tuple[Generator, Generator]:
     with torch.no_grad():  # a stand-in for fine-tuning: perturb the low-resolution synthesis layers
         for name, p in toon.named_parameters():
             if name.startswith(("input.", "conv1.", "convs.0.", "convs.1.", "convs.2.", "convs.3.")):
-                p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.std().clamp_min(1e-3))
+                p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.abs().mean().clamp_min(1e-3))
     toon.w_avg.copy_(base.w_avg)
     toon.meta = {"name": "demo-toon", "ancestors": [content_hash(base.state_dict())]}
     return base, toon
