@@ -43,9 +43,7 @@ def measure(fn, device: str, min_repeats: int, min_seconds: float) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_one(
-    G: Generator, batch: int, mode: str, dtype: torch.dtype, channels_last: bool, device: str, args
-) -> float:
+def bench_one(G: Generator, batch: int, mode: str, dtype: torch.dtype, channels_last: bool, device: str, args) -> float:
     ws = torch.randn(batch, G.num_ws, G.w_dim, device=device)
 
     def forward() -> torch.Tensor:

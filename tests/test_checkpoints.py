@@ -72,7 +72,7 @@ def test_rosinality_variants_load(tmp_path, tiny_g, tiny_d):
     bare = load_generator(tmp_path / "bare.pt")
     assert (bare.w_avg - tiny_g.w_avg).norm() < 0.2 * tiny_g.w_avg.norm()
     assert load_discriminator(tmp_path / "train.pt").state_dict().keys() == tiny_d.state_dict().keys()
-    with pytest.raises(CheckpointError, match="no discriminator"):
+    with pytest.raises(CheckpointError, match="no usable discriminator"):
         load_discriminator(tmp_path / "bare.pt")
 
 

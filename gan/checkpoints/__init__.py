@@ -108,9 +108,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
 def load_discriminator(path: str | Path, device: str | torch.device = "cpu") -> Discriminator:
     data = read_checkpoint(path)
     if data.discriminator_state is None:
-        raise CheckpointError(f"{path} holds no discriminator")
+        why = data.meta.get("discriminator_unsupported")
+        raise CheckpointError(f"{path} holds no usable discriminator" + (f": {why}" if why else ""))
     res, channels = data.discriminator_config
-    D = Discriminator(resolution=res, channels=channels)
+    D = Discriminator(resolution=res, channels=channels, mbstd_group=int(data.meta.get("mbstd_group_size") or 4))
     try:
         D.load_state_dict(data.discriminator_state, strict=True)
     except RuntimeError as e:
