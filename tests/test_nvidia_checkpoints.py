@@ -52,7 +52,7 @@ def test_nvidia_pickle_matches_source(tmp_path: Path, fmt: str, protocol: int) -
 def test_nvidia_pytorch_without_discriminator(tmp_path: Path) -> None:
     path = write_nv_pytorch_pickle(tmp_path / "g_only.pkl", make_tiny_generator(3))
     assert read_checkpoint(path).discriminator_state is None
-    with pytest.raises(CheckpointError, match="no discriminator"):
+    with pytest.raises(CheckpointError, match="no usable discriminator"):
         gan.load_discriminator(path)
 
 
