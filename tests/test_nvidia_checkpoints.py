@@ -168,3 +168,21 @@ def test_foreign_tensor_names_are_refused(tmp_path: Path) -> None:
     path = dump({"G": net, "D": None, "G_ema": net}, tmp_path / "foreign.pkl")
     with pytest.raises(CheckpointError, match=r"unexpected generator tensor 'synthesis\.L0_weight'"):
         gan.load_generator(path)
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_cli_converts_nvidia_pickles(tmp_path: Path, fmt: str, suffix: str) -> None:
+    from gan.cli import main as cli_main
+
+    G, D = make_tiny_generator(3), make_tiny_discriminator(4)
+    src = WRITERS[fmt](tmp_path / "net.pkl", G, D)
+    out = tmp_path / f"net{suffix}"
+    assert cli_main(["convert", str(src), str(out)]) == 0
+    G2, D2 = gan.load_generator(out), gan.load_discriminator(out)
+    assert G2.meta["converted_from"] == {"path": "net.pkl", "format": fmt}
+    ws = torch.randn(2, G.num_ws, G.w_dim)
+    images = torch.randn(4, 3, G.resolution, G.resolution)
+    with torch.no_grad():
+        assert _max_diff(G2.synthesis(ws), G.synthesis(ws)) < 1e-5
+        assert _max_diff(D2(images), D(images)) < 1e-5
