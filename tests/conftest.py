@@ -23,7 +23,10 @@ def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             if name.endswith("kernel") or name == "w_avg":
                 continue
-            t.copy_(torch.randn(t.shape, generator=g) * (0.2 if t.ndim <= 1 else 1.0))
+            scale = 0.2 if t.ndim <= 1 else 1.0
+            if name.startswith("style.") and name.endswith(".weight"):
+                scale = 1.0 / module.config.lr_mlp  # equalised lr: stored weights are divided by lr_mul
+            t.copy_(torch.randn(t.shape, generator=g) * scale)
     return module
 
 

@@ -1,0 +1,193 @@
+"""Safe decoding of untrusted image bytes (photos sent by users) into RGB Pillow images.
+
+Every refusal is a :class:`BadImageError` (a ``ValueError``) whose message can be shown to the user as it
+is, and whose ``reason`` is a short machine-readable code for callers that map errors to their own texts.
+
+What is checked, in order:
+
+* the byte count (``max_bytes``), before anything is parsed;
+* the format, from the header, against an allow-list (``formats``); anything else is "not an image";
+* the declared pixel count (``max_pixels``), from the header, *before* any pixel is decoded, so a tiny
+  file declaring 20 000 × 20 000 pixels is refused in microseconds without allocating it (Pillow's own
+  ``DecompressionBombError``/``DecompressionBombWarning`` are turned into the same refusal);
+* a full decode of the first frame (animated GIF/WebP/PNG: the first frame only), and a check that the
+  file is complete. Pillow refuses truncated pixel data only while the process-wide
+  ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is false, and accepts files cut off after the last pixel (a
+  PNG without its checksum and ``IEND``, a JPEG without its end marker). This module never changes that
+  flag; it checks the file's own end instead: a JPEG's end-of-image marker after its last scan, a PNG's
+  ``IEND`` chunk, a WebP's RIFF length (and, only when the flag is on, a GIF's trailer byte, which some
+  encoders omit);
+* EXIF orientation is applied (``ImageOps.exif_transpose``), so the result is the upright view;
+* every mode becomes 8-bit RGB: palette, grey, CMYK and YCbCr are converted, transparency is flattened
+  onto white, 16-bit and float grey are scaled (Pillow's own conversion would clip them).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = ["ACCEPTED_FORMATS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "BadImageError", "decode_image", "load_image"]
+
+#: Formats accepted from users: what phones, browsers and chat apps send. TIFF, EPS, PSD and Pillow's
+#: other decoders are left out on purpose (large attack surface, never a selfie).
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+
+_SUPPORTED_TEXT = "JPEG, PNG, WebP, GIF or BMP"
+
+
+class BadImageError(ValueError):
+    """The bytes are not an acceptable image. ``str(err)`` is a user-facing sentence; ``reason`` is one of
+    ``empty``, ``too_many_bytes``, ``not_an_image``, ``too_many_pixels``, ``truncated``, ``unsupported``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _too_many_pixels(max_pixels: int, size: tuple[int, int] | None = None) -> BadImageError:
+    limit = f"{max_pixels / 1e6:g} megapixels"
+    what = f" ({size[0]} x {size[1]} pixels)" if size else ""
+    return BadImageError(
+        f"The image is too large{what}. Send a photo of at most {limit} (a normal phone photo is fine).",
+        "too_many_pixels",
+    )
+
+
+def _truncated() -> BadImageError:
+    return BadImageError(
+        "The image file is incomplete or damaged (it may have been cut off while uploading). Send it again.",
+        "truncated",
+    )
+
+
+def _looks_complete(data: bytes, fmt: str | None, lenient: bool) -> bool:
+    """Format-level completeness check, independent of Pillow's global truncation flag."""
+    if fmt in ("JPEG", "MPO"):
+        # Entropy-coded data never contains a marker other than RSTn, so the end-of-image marker must follow
+        # the last start-of-scan marker.
+        sos = data.rfind(b"\xff\xda")
+        return sos >= 0 and data.find(b"\xff\xd9", sos + 2) >= 0
+    if fmt == "PNG":
+        return data.rfind(b"\x00\x00\x00\x00IEND\xaeB`\x82") >= 8  # the whole IEND chunk, CRC included
+    if fmt == "WEBP":
+        if len(data) < 12 or data[:4] != b"RIFF":
+            return False
+        (riff_len,) = struct.unpack("<I", data[4:8])
+        return len(data) >= riff_len + 8
+    if fmt == "GIF" and lenient:
+        return data.rstrip(b"\x00").endswith(b";")
+    return True
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        hi = float(a.max()) if a.size else 0.0
+        if mode.startswith("I;16") or (mode == "I" and hi > 255):
+            a = a / 257.0  # 16-bit samples
+        elif mode == "F" and hi <= 1.0:
+            a = a * 255.0  # float in [0, 1]
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    formats: tuple[str, ...] = ACCEPTED_FORMATS,
+) -> Image.Image:
+    """Decode untrusted image bytes into an upright 8-bit RGB image, or raise :class:`BadImageError`."""
+    if not data:
+        raise BadImageError("The file is empty. Send a photo.", "empty")
+    if len(data) > max_bytes:
+        raise BadImageError(
+            f"The file is too big ({len(data) / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:g} MiB). "
+            "Send a smaller photo.",
+            "too_many_bytes",
+        )
+    data = bytes(data)
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(formats))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Raised from the header alone (the warning only when a caller turned warnings into errors). Pillow's
+        # own limit is process-wide; report whichever limit is the lower.
+        pillow_limit = Image.MAX_IMAGE_PIXELS or max_pixels
+        if isinstance(e, Image.DecompressionBombError):
+            pillow_limit *= 2
+        raise _too_many_pixels(min(max_pixels, pillow_limit)) from e
+    except UnidentifiedImageError as e:
+        raise BadImageError(
+            f"This is not an image I can read. Send a photo ({_SUPPORTED_TEXT}).", "not_an_image"
+        ) from e
+    except Exception as e:  # a malformed header can surface as almost any exception from a plugin
+        raise BadImageError(
+            f"The image could not be read (damaged header). Send a photo ({_SUPPORTED_TEXT}).", "not_an_image"
+        ) from e
+
+    with im:
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise BadImageError("The image is empty (zero pixels). Send a photo.", "not_an_image")
+        if width * height > max_pixels:
+            raise _too_many_pixels(max_pixels, (width, height))
+        fmt = im.format
+        try:
+            im.seek(0)  # animated images: the first frame
+            im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _too_many_pixels(max_pixels) from e
+        except Exception as e:  # OSError "image file is truncated", SyntaxError "broken PNG file", zlib …
+            raise _truncated() from e
+        if not _looks_complete(data, fmt, lenient=bool(ImageFile.LOAD_TRUNCATED_IMAGES)):
+            raise _truncated()
+        try:
+            upright = ImageOps.exif_transpose(im)  # a copy; for animations, of the current (first) frame
+        except Exception:  # unreadable EXIF: keep the stored orientation rather than refuse the photo
+            upright = im.copy()
+        try:
+            rgb = _to_rgb(upright)
+        except Exception as e:
+            msg = f"The image uses a colour format I cannot read ({im.mode}). Send a photo ({_SUPPORTED_TEXT})."
+            raise BadImageError(msg, "unsupported") from e
+        rgb.load()
+    rgb.info.pop("exif", None)  # orientation is applied; drop it so nothing applies it twice
+    return rgb
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    formats: tuple[str, ...] = ACCEPTED_FORMATS,
+) -> Image.Image:
+    """Read a file and :func:`decode_image` it (the size is checked before the file is read)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise BadImageError(
+            f"The file is too big ({size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:g} MiB). "
+            "Send a smaller photo.",
+            "too_many_bytes",
+        )
+    return decode_image(path.read_bytes(), max_pixels=max_pixels, max_bytes=max_bytes, formats=formats)
