@@ -82,6 +82,100 @@ def cmd_blend(args: argparse.Namespace) -> int:
     return 0
 
 
+class TerminalProgress:
+    """A one-line progress bar per stage on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream, self.tty, self.last = stream, stream.isatty(), None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        width = 30
+        filled = int(width * step / max(total, 1))
+        line = f"{stage:>8} [{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step >= total else ""))
+        elif step >= total or self.last != stage:
+            self.stream.write(line + "\n")
+        self.last = stage
+        self.stream.flush()
+
+
+def _spec_from_args(args: argparse.Namespace, default):
+    from gan.blending import BlendSpec
+
+    if args.swap is None and args.width is None:
+        return default
+    swap = args.swap if args.swap is not None else (default.resolution or 32)
+    if args.width:
+        return BlendSpec(mode="smooth", resolution=swap, width=args.width, structure_from="toon")
+    return BlendSpec(mode="swap", resolution=swap, structure_from="toon")
+
+
+def _toonifier(args: argparse.Namespace):
+    from gan.pipeline import DEFAULT_SPEC, MODES, ModeSettings, Toonifier
+    from gan.styles import get_style
+
+    if args.base or args.toon:
+        if not (args.base and (args.toon or args.command == "project")):
+            raise ValueError("give both --base and --toon, or --style")
+        base, toon, encoder, spec = Path(args.base), Path(args.toon or args.base), args.encoder, DEFAULT_SPEC
+    else:
+        style = get_style(args.style)
+        base, toon, encoder, spec = style.base, style.toon, args.encoder or style.encoder, style.blend
+    return Toonifier.from_files(
+        base,
+        toon,
+        encoder_path=encoder,
+        vgg_path=args.vgg,
+        lpips_path=args.lpips,
+        spec=_spec_from_args(args, spec) if hasattr(args, "swap") else spec,
+        device=args.device,
+        min_face_size=args.min_face_size,
+        modes=None if args.steps is None else {args.mode: ModeSettings(MODES[args.mode].use_encoder, args.steps)},
+    )
+
+
+def cmd_toon(args: argparse.Namespace) -> int:
+    from gan.imageio import load_image
+
+    toonifier = _toonifier(args)
+    photo = load_image(args.photo)
+    result = toonifier.toonify(photo, mode=args.mode, all_faces=args.all_faces, progress=TerminalProgress())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.composite.save(out)
+    for i, (crop, aligned) in enumerate(zip(result.crops, result.aligned, strict=True)):
+        crop.save(out.with_name(f"{out.stem}_toon{i}.png"))
+        aligned.image.save(out.with_name(f"{out.stem}_face{i}.png"))
+    for face in result.too_small:
+        print(f"note: skipped a face of {face.size}px (smaller than {args.min_face_size}px)", file=sys.stderr)
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    print(f"wrote {out} and {len(result.crops)} toon crop(s); {times}", file=sys.stderr)
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from gan.imageio import load_image
+    from gan.pipeline import to_tensor
+
+    toonifier = _toonifier(args)
+    alignment = toonifier.aligner.align_all(
+        load_image(args.photo), output_size=toonifier.base.resolution, largest_only=not args.all_faces
+    )
+    crops = to_tensor([a.image for a in alignment], toonifier.device)
+    latents, losses = toonifier.project(crops, args.mode, progress=TerminalProgress())
+    torch.save(
+        {
+            "latents": latents.detach().cpu(),
+            "losses": None if losses is None else losses.cpu(),
+            "base_hash": toonifier.base.meta.get("content_hash", ""),
+        },
+        args.out,
+    )
+    print(f"wrote {args.out}: {len(alignment)} face(s), latents {list(latents.shape)}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gan.demo import run_demo
 
@@ -124,6 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_blend)
 
+    for name, helptext in [
+        ("toon", "toonify every face of a photo and paste the toons back"),
+        ("project", "find the base model's W+ latents of the faces in a photo"),
+    ]:
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("photo")
+        s.add_argument("--style", help="a style from the model manifest (default: the manifest's default)")
+        s.add_argument("--base", help="base checkpoint (instead of --style)")
+        s.add_argument("--encoder", help="encoder checkpoint for the base model")
+        s.add_argument("--mode", choices=["fast", "balanced", "quality"], default="balanced")
+        s.add_argument("--steps", type=int, help="optimisation steps (default: the mode's)")
+        s.add_argument("--all-faces", action="store_true", help="every face, not just the largest")
+        s.add_argument("--min-face-size", type=int, default=64)
+        s.add_argument("--vgg", help="torchvision VGG16 weights for LPIPS (or TOONIFY_VGG16_PATH)")
+        s.add_argument("--lpips", help="LPIPS v0.1 vgg.pth linear weights (or TOONIFY_LPIPS_PATH)")
+        s.add_argument("--device")
+        s.add_argument("--out", required=True)
+        if name == "toon":
+            s.add_argument("--toon", help="toon checkpoint (instead of --style)")
+            s.add_argument("--swap", type=int, help="swap resolution (default: the style's)")
+            s.add_argument("--width", type=float, help="smooth transition width")
+            s.set_defaults(func=cmd_toon)
+        else:
+            s.set_defaults(func=cmd_project, toon=None)
+
     s = sub.add_parser("demo", help="build tiny models, convert, blend and sample them (no downloads)")
     s.add_argument("--out", default="data/demo")
     s.set_defaults(func=cmd_demo)
@@ -134,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # bad input: a message, not a traceback
         print(f"toonify: error: {e}", file=sys.stderr)
         return 2
 
