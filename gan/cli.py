@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.set_defaults(func=cmd_project, toon=None)
 
+    from gan.encoder import add_train_encoder_parser
+
+    add_train_encoder_parser(sub)
+
     s = sub.add_parser("demo", help="build tiny models, convert, blend and sample them (no downloads)")
     s.add_argument("--out", default="data/demo")
     s.set_defaults(func=cmd_demo)
