@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from gan.blending import BlendSpec, blend  # noqa: E402
 from gan.checkpoints import content_hash  # noqa: E402
+from gan.encoder import save_encoder, train_encoder  # noqa: E402
 from gan.images import save_grid, z_from_seeds  # noqa: E402
 from gan.networks import Discriminator, Generator, GeneratorConfig  # noqa: E402
 from gan.synthetic import make_dataset  # noqa: E402
@@ -52,7 +53,9 @@ TOON_TRAIN = TrainConfig(
 )  # fmt: skip
 PHOTO_DATA = {"domain": "photo", "n": 6000, "size": RESOLUTION, "seed": 1000}
 TOON_DATA = {"domain": "toon", "n": 300, "size": RESOLUTION, "seed": 2000}  # other people than the photos
-STEPS_BASE, STEPS_TOON = 6000, 600
+STEPS_BASE, STEPS_TOON, STEPS_ENCODER = 6000, 600, 1500
+ENCODER_SEED = 0
+DEMO_BLEND = {"mode": "swap", "resolution": 16, "structure_from": "toon"}  # 4-16 px from the toon model
 PREVIEW_SEEDS = list(range(16))
 QUICK = {"steps_base": 30, "steps_toon": 10, "n_photo": 256, "n_toon": 64}
 
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps-base", type=int, default=None, help=f"default {STEPS_BASE}")
     ap.add_argument("--steps-toon", type=int, default=None, help=f"default {STEPS_TOON}")
+    ap.add_argument("--steps-encoder", type=int, default=None, help=f"default {STEPS_ENCODER}")
     ap.add_argument("--out", default=None, help="default gan/demo_models (build/demo_models_quick with --quick)")
     ap.add_argument("--work", default=str(ROOT / "build" / "demo_models"), help="snapshots (not shipped)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: few images and steps")
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     steps_base = args.steps_base or (QUICK["steps_base"] if args.quick else STEPS_BASE)
     steps_toon = args.steps_toon or (QUICK["steps_toon"] if args.quick else STEPS_TOON)
+    steps_encoder = args.steps_encoder or (20 if args.quick else STEPS_ENCODER)
     photo_spec = {**PHOTO_DATA, "n": QUICK["n_photo"]} if args.quick else dict(PHOTO_DATA)
     toon_spec = {**TOON_DATA, "n": QUICK["n_toon"]} if args.quick else dict(TOON_DATA)
     out = Path(args.out or (ROOT / "build" / "demo_models_quick" if args.quick else ROOT / "gan" / "demo_models"))
@@ -166,15 +171,26 @@ def main(argv: list[str] | None = None) -> int:
     toon = trainer.G_ema
     save_grid(samples(toon), previews / "toon_samples.png", columns=8)
     save_grid(render_rows(base, toon), previews / "base_toon_blends.png", columns=len(PREVIEW_SEEDS))
+
+    # 3. Encoder for the base model (self-supervised on its own samples).
+    t = time.perf_counter()
+    encoder = train_encoder(base, steps=steps_encoder, batch_size=8, seed=ENCODER_SEED)
+    encoder_path = save_encoder(encoder, out / "encoder.safetensors", base)
+    timings["encoder_train_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
-    # 3. Manifest.
+    # 4. Manifest.
     command = "python scripts/make_demo_models.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     files = {
         p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-        for p in [base_path, toon_path, *sorted(previews.glob("*.png"))]
+        for p in [base_path, toon_path, Path(encoder_path), *sorted(previews.glob("*.png"))]
     }
     manifest = {
+        # what gan.styles reads: the base model, its encoder, and named styles with their default blend
+        "base": base_path.name,
+        "encoder": Path(encoder_path).name,
+        "default_style": "demo",
+        "styles": {"demo": {"toon": toon_path.name, "blend": DEMO_BLEND}},
         "note": "Demo models trained on procedural faces (gan.synthetic); not real-face models. See README.",
         "command": command.strip(),
         "quick": args.quick,
