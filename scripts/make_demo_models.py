@@ -53,7 +53,7 @@ TOON_TRAIN = TrainConfig(
 )  # fmt: skip
 PHOTO_DATA = {"domain": "photo", "n": 6000, "size": RESOLUTION, "seed": 1000}
 TOON_DATA = {"domain": "toon", "n": 300, "size": RESOLUTION, "seed": 2000}  # other people than the photos
-STEPS_BASE, STEPS_TOON, STEPS_ENCODER = 6000, 600, 1500
+STEPS_BASE, STEPS_TOON, STEPS_ENCODER = 4000, 400, 600
 ENCODER_SEED = 0
 DEMO_BLEND = {"mode": "swap", "resolution": 16, "structure_from": "toon"}  # 4-16 px from the toon model
 PREVIEW_SEEDS = list(range(16))
