@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gan.checkpoints.common import CheckpointError, content_hash
+from gan.checkpoints.native import read_tensors_and_metadata
 from gan.networks import Generator
 
 META_KEY, FORMAT_VERSION = "toonify_encoder", 1
@@ -237,12 +237,7 @@ def save_encoder(encoder: Encoder, path: str | Path, G: Generator) -> Path:
 
 def load_encoder(path: str | Path, G: Generator | None = None, device: str | torch.device = "cpu") -> Encoder:
     """Load an encoder; with ``G``, refuse (EncoderMismatchError) one trained for other generator weights."""
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable encoder file ({e})") from e
+    tensors, raw = read_tensors_and_metadata(path, META_KEY)
     if raw is None:
         raise CheckpointError(f"{path}: not an encoder checkpoint (no {META_KEY!r} metadata; a generator file?)")
     try:

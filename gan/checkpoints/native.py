@@ -39,13 +39,18 @@ def write_native(data: CheckpointData, path: str | Path) -> None:
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
 
 
-def read_native(path: str | Path) -> CheckpointData:
+def read_tensors_and_metadata(path: str | Path, key: str = META_KEY) -> tuple[dict, str | None]:
+    """All tensors of a safetensors file and its metadata entry ``key`` (None when absent)."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
+            return tensors, (f.metadata() or {}).get(key)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def read_native(path: str | Path) -> CheckpointData:
+    tensors, raw = read_tensors_and_metadata(path)
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file without toonify metadata")
     try:
