@@ -16,6 +16,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (the inverse of :func:`to_uint8`)."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
 def make_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> Image.Image:
     arr = to_uint8(images)
     n, h, w, _ = arr.shape

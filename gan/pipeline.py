@@ -25,6 +25,7 @@ from torch import Tensor
 from gan.align import AlignedFace, Face, FaceAligner, paste_back
 from gan.blending import BlendSpec, blend
 from gan.imageio import decode_image
+from gan.images import from_uint8, to_uint8
 from gan.networks import Generator
 from gan.projection import ProjectionConfig, project_batch
 
@@ -58,13 +59,11 @@ class ToonResult:
 
 
 def to_tensor(images: list[Image.Image], device: str | torch.device = "cpu") -> Tensor:
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
+    return from_uint8(np.stack([np.asarray(im.convert("RGB")) for im in images])).to(device)
 
 
 def to_images(batch: Tensor) -> list[Image.Image]:
-    arr = ((batch.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(batch)]
 
 
 class Toonifier:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gan.checkpoints import content_hash, save_generator
+from gan.images import from_uint8
 from gan.networks import Discriminator, Generator, GeneratorConfig
 
 SNAPSHOT_VERSION = 1
@@ -118,9 +119,7 @@ def diff_augment(x: Tensor, policy: str | list[str], generator: torch.Generator 
 def images_to_tensor(images: np.ndarray | Tensor) -> Tensor:
     """uint8 [N, H, W, 3] (or float [N, 3, H, W] in [-1, 1]) -> float [N, 3, H, W] in [-1, 1]."""
     t = torch.as_tensor(images)
-    if t.dtype == torch.uint8:
-        return t.permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return t.float()
+    return from_uint8(t) if t.dtype == torch.uint8 else t.float()
 
 
 def _check_images(images: np.ndarray | Tensor, resolution: int) -> Tensor:
