@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gan.pipeline import MODES, ModeSettings, Toonifier  # noqa: E402
+from gan.images import psnr  # noqa: E402
+from gan.pipeline import MODES, Toonifier  # noqa: E402
 from gan.projection import ProjectionConfig, project_batch  # noqa: E402
 
 
@@ -35,11 +37,6 @@ def group_photo(n: int) -> Image.Image:
     for i in range(n):
         canvas.paste(face, ((i % cols) * face.width, (i // cols) * face.height))
     return canvas
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    mse = ((a - b) / 2).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
-    return -10 * torch.log10(mse)
 
 
 def sync(device: torch.device) -> None:
@@ -108,7 +105,7 @@ def main() -> None:
     p.add_argument("--plain-steps", type=int, default=200)
     p.add_argument("--quality-steps", type=int, help="override the quality mode's step count")
     args = p.parse_args()
-    modes = None if args.quality_steps is None else {"quality": ModeSettings(True, args.quality_steps)}
+    modes = None if args.quality_steps is None else {"quality": replace(MODES["quality"], steps=args.quality_steps)}
     if args.base:
         tf = Toonifier.from_files(
             args.base, args.toon or args.base, encoder_path=args.encoder, device=args.device, modes=modes

@@ -112,7 +112,9 @@ def _spec_from_args(args: argparse.Namespace, default):
 
 
 def _toonifier(args: argparse.Namespace):
-    from gan.pipeline import DEFAULT_SPEC, MODES, ModeSettings, Toonifier
+    from dataclasses import replace
+
+    from gan.pipeline import DEFAULT_SPEC, MODES, Toonifier
     from gan.styles import get_style
 
     if args.base or args.toon:
@@ -131,7 +133,7 @@ def _toonifier(args: argparse.Namespace):
         spec=_spec_from_args(args, spec) if hasattr(args, "swap") else spec,
         device=args.device,
         min_face_size=args.min_face_size,
-        modes=None if args.steps is None else {args.mode: ModeSettings(MODES[args.mode].use_encoder, args.steps)},
+        modes=None if args.steps is None else {args.mode: replace(MODES[args.mode], steps=args.steps)},
     )
 
 
@@ -254,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and dispatch; bad input ends with a one-line message and exit status 2 (shared by the full CLI)."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input: a message, not a traceback

@@ -21,6 +21,12 @@ def from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [N, 3, H, W] batches in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a.float() - b.float()) / 2).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
 def make_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> Image.Image:
     arr = to_uint8(images)
     n, h, w, _ = arr.shape

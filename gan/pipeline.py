@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gan.align import AlignedFace, Face, FaceAligner, paste_back
+from gan.align import AlignedFace, Alignment, Face, FaceAligner, paste_back
 from gan.blending import BlendSpec, blend
 from gan.imageio import decode_image
 from gan.images import from_uint8, to_uint8
@@ -34,15 +34,26 @@ StageProgress = Callable[[str, int, int], None]  # (stage, step, total)
 DEFAULT_SPEC = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 
 
+# Refining an encoder's guess is a different problem from searching from the average latent: the start is
+# already close, so the reference recipe's warm-up, latent noise and high learning rate only throw it away
+# (measured on the demo models: 30 steps reach 26.1 dB with the reference recipe, 27.8 dB with this one).
+# Noise maps stay fixed (half the cost per step) and a pixel term pulls PSNR up alongside the perceptual loss.
+REFINE_RECIPE = ProjectionConfig(lr=0.03, lr_rampup=0.0, latent_noise=0.0, optimize_noise=False, mse_weight=3.0)
+
+
 @dataclass(frozen=True)
 class ModeSettings:
     use_encoder: bool
     steps: int
+    recipe: ProjectionConfig | None = None  # None: the reference recipe (gan.projection.ProjectionConfig)
+
+    def projection_config(self) -> ProjectionConfig:
+        return replace(self.recipe or ProjectionConfig(), steps=self.steps)
 
 
 MODES: dict[str, ModeSettings] = {
     "fast": ModeSettings(use_encoder=True, steps=0),
-    "balanced": ModeSettings(use_encoder=True, steps=30),
+    "balanced": ModeSettings(use_encoder=True, steps=40, recipe=REFINE_RECIPE),
     "quality": ModeSettings(use_encoder=True, steps=300),
 }
 
@@ -167,12 +178,14 @@ class Toonifier:
             raise ValueError("fast mode needs an encoder checkpoint; use balanced or quality, or train one")
         if settings.steps == 0:
             return init, None
-        steps = settings.steps
+        config = settings.projection_config()
+        if init is None:  # no encoder: the refine recipe has nothing to refine, search with the reference one
+            config = replace(ProjectionConfig(), steps=settings.steps)
         result = project_batch(
             self.base,
             crops,
             self.loss_fn,
-            ProjectionConfig(steps=steps),
+            config,
             init_ws=init,
             seeds=seeds,
             progress=None if progress is None else lambda s, t, _l: progress("project", s, t),
@@ -185,6 +198,20 @@ class Toonifier:
         G = self.blended(spec)
         with torch.no_grad():
             return to_images(G.synthesis(latents.to(self.device), noise_mode="const"))
+
+    def align(self, image: Image.Image, *, all_faces: bool = True) -> Alignment:
+        """Every usable face (or the largest) as aligned crops at the base model's resolution."""
+        if self.aligner is None:
+            self.aligner = FaceAligner()
+        return self.aligner.align_all(image, output_size=self.base.resolution, largest_only=not all_faces)
+
+    @staticmethod
+    def composite(image: Image.Image, aligned: list[AlignedFace], toon_crops: list[Image.Image]) -> Image.Image:
+        """A copy of ``image`` with each toon crop warped back onto its face (feathered)."""
+        out = image.copy()
+        for crop, face in zip(toon_crops, aligned, strict=True):
+            out = paste_back(out, crop, face, in_place=True)
+        return out
 
     # ------------------------------------------------------------------------------------------ whole photo
 
@@ -203,9 +230,7 @@ class Toonifier:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         image = decode_image(photo) if isinstance(photo, bytes | bytearray) else photo.convert("RGB")
-        if self.aligner is None:
-            self.aligner = FaceAligner()
-        alignment = self.aligner.align_all(image, output_size=self.base.resolution, largest_only=not all_faces)
+        alignment = self.align(image, all_faces=all_faces)
         aligned = list(alignment)
         timings["align"] = time.perf_counter() - t0
         if progress:
@@ -227,9 +252,7 @@ class Toonifier:
             progress("render", 1, 1)
 
         t0 = time.perf_counter()
-        composite = image.copy()
-        for crop, face in zip(toon_crops, aligned, strict=True):
-            composite = paste_back(composite, crop, face, in_place=True)
+        composite = self.composite(image, aligned, toon_crops)
         timings["paste"] = time.perf_counter() - t0
         if progress:
             progress("paste", 1, 1)
