@@ -1,0 +1,150 @@
+"""Batch the projections of concurrent toon jobs into one pass.
+
+arq runs up to ``max_jobs`` job coroutines at once in a worker. Each one aligns its photo and then asks the
+:class:`ProjectionBatcher` for latents; the batcher runs one projection at a time on the device (in a thread,
+so the event loop keeps serving Redis) and everything that arrived while the previous pass ran goes into the
+next pass together. Projection cost per step barely grows with the batch, so N waiting jobs finish in about
+the time of one. Every face keeps its own seed, so a photo gets the same latents alone or in any batch.
+
+A job cancelled mid-pass is released at the next optimisation step (its waiter gets
+:class:`~gan.projection.ProjectionCancelledError`) while the others in the pass go on; a pass whose every job
+was cancelled stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gan.pipeline import Toonifier
+from gan.projection import ProjectionCancelledError
+
+StepProgress = Callable[[int, int], None]  # (step, total), called on the event loop
+
+
+@dataclass(eq=False)
+class _Request:
+    crops: Tensor  # [F, 3, R, R]
+    seeds: list[int]
+    progress: StepProgress | None
+    cancelled: threading.Event
+    future: asyncio.Future
+    released: bool = field(default=False)  # set from the projection thread once the waiter got an answer
+
+
+class ProjectionBatcher:
+    """One projection pass at a time; requests for the same (toonifier, mode) that wait are batched."""
+
+    def __init__(self, *, max_faces: int = 16, window_s: float = 0.02) -> None:
+        self.max_faces = max_faces
+        self.window_s = window_s  # after the first request, wait this long for company
+        self._pending: dict[tuple[int, str], list[_Request]] = {}
+        self._toonifiers: dict[tuple[int, str], Toonifier] = {}
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection")
+        self._runner: asyncio.Task | None = None
+        self.passes: list[int] = []  # faces per pass, for stats and tests
+
+    async def project(
+        self,
+        toonifier: Toonifier,
+        crops: Tensor,
+        mode: str,
+        *,
+        seeds: list[int],
+        progress: StepProgress | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Tensor:
+        """Latents [F, num_ws, w_dim] for ``crops``; raises ProjectionCancelledError once ``cancelled`` is set."""
+        if len(seeds) != crops.shape[0]:
+            raise ValueError(f"need one seed per face ({crops.shape[0]}), got {len(seeds)}")
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run_forever(), name="projection-batcher")
+        loop = asyncio.get_running_loop()
+        req = _Request(crops, list(seeds), progress, cancelled or threading.Event(), loop.create_future())
+        key = (id(toonifier), mode)
+        self._toonifiers[key] = toonifier
+        self._pending.setdefault(key, []).append(req)
+        self._wake.set()
+        return await req.future
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        self._executor.shutdown(wait=True)
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.window_s)
+            self._wake.clear()
+            while self._pending:
+                key = next(iter(self._pending))  # oldest group first
+                batch, rest, faces = [], [], 0
+                for req in self._pending.pop(key):
+                    if req.future.done():
+                        continue
+                    if batch and faces + req.crops.shape[0] > self.max_faces:
+                        rest.append(req)
+                    else:
+                        batch.append(req)
+                        faces += req.crops.shape[0]
+                if rest:
+                    self._pending[key] = rest
+                if batch:
+                    await loop.run_in_executor(
+                        self._executor, self._run_pass, loop, self._toonifiers[key], key[1], batch
+                    )
+
+    def _run_pass(self, loop: asyncio.AbstractEventLoop, tf: Toonifier, mode: str, batch: list[_Request]) -> None:
+        def answer(req: _Request, result: Tensor | None = None, error: BaseException | None = None) -> None:
+            req.released = True
+
+            def set_() -> None:
+                if not req.future.done():
+                    req.future.set_exception(error) if error is not None else req.future.set_result(result)
+
+            loop.call_soon_threadsafe(set_)
+
+        def release_cancelled(step: int, total: int) -> None:
+            for req in batch:
+                if not req.released and req.cancelled.is_set():
+                    answer(req, error=ProjectionCancelledError(f"cancelled at step {step}/{total}"))
+
+        def progress(stage: str, step: int, total: int) -> None:
+            release_cancelled(step, total)
+            for req in batch:
+                if req.progress is not None and not req.released:
+                    loop.call_soon_threadsafe(req.progress, step, total)
+
+        def should_cancel() -> bool:
+            release_cancelled(0, 0)
+            return all(req.released for req in batch)
+
+        self.passes.append(sum(r.crops.shape[0] for r in batch))
+        try:
+            crops = torch.cat([r.crops for r in batch]).to(tf.device)
+            seeds = [s for r in batch for s in r.seeds]
+            latents, _ = tf.project(crops, mode, progress=progress, should_cancel=should_cancel, seeds=seeds)
+            latents = latents.detach().cpu()
+        except BaseException as e:  # every waiter must hear about the failure
+            for req in batch:
+                if not req.released:
+                    answer(req, error=e)
+            return
+        start = 0
+        for req in batch:
+            n = req.crops.shape[0]
+            if not req.released:
+                answer(req, result=latents[start : start + n])
+            start += n

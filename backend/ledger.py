@@ -1,0 +1,94 @@
+"""The job ledger: every status change of a job row goes through here, and is published as it is written.
+
+The SQL row is the truth (arq delivers at least once); Redis carries the same state for watchers. Each
+transition is a conditional UPDATE, so two deliveries of one job, or a worker racing a cancel, cannot both win.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from backend.db.models import Job, JobStatus, utcnow
+from backend.progress import ProgressEvent, publish
+from backend.runtime import Runtime
+
+TERMINAL = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+CANCEL_CHANNEL = "toonify:cancel"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"toonify:job:{job_id}:cancel"
+
+
+def quota_user_key(job: Job) -> str:
+    return f"user:{job.user_id}"
+
+
+async def claim(rt: Runtime, job_id: str, worker_id: str) -> Job | None:
+    """queued → running for this worker (attempts + 1); None when the job is gone, finished or taken."""
+    async with rt.sessions() as s:
+        res = await s.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+            .values(status=JobStatus.RUNNING, worker_id=worker_id, attempts=Job.attempts + 1, started_at=utcnow())
+        )
+        await s.commit()
+        if res.rowcount != 1:
+            return None
+        return await s.get(Job, job_id)
+
+
+async def finish(
+    rt: Runtime,
+    job: Job,
+    status: JobStatus,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    only_from: tuple[JobStatus, ...] = ACTIVE,
+) -> bool:
+    """Move ``job`` to a terminal status (once), release its quota slot and tell watchers."""
+    async with rt.sessions() as s:
+        res = await s.execute(
+            sa.update(Job)
+            .where(Job.id == job.id, Job.status.in_(only_from))
+            .values(status=status, result=result, error=error, finished_at=utcnow())
+        )
+        await s.commit()
+    won = res.rowcount == 1
+    if won:
+        await rt.quotas.release(quota_user_key(job), job.id)
+        await publish(
+            rt.pool, ProgressEvent(job_id=job.id, status=status.value, stage=status.value, result=result, error=error)
+        )
+    return won
+
+
+async def requeue(rt: Runtime, job: Job, *, error: str | None = None) -> None:
+    """running → queued (a transient failure about to be retried, or a dead worker's job)."""
+    async with rt.sessions() as s:
+        await s.execute(
+            sa.update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.QUEUED, worker_id=None, error=error)
+        )
+        await s.commit()
+    await publish(rt.pool, ProgressEvent(job_id=job.id, status="queued", stage="queued", message=error))
+
+
+async def save_progress(rt: Runtime, job_id: str, progress: dict[str, Any]) -> None:
+    async with rt.sessions() as s:
+        await s.execute(sa.update(Job).where(Job.id == job_id).values(progress=progress))
+        await s.commit()
+
+
+async def cancel_requested(rt: Runtime, job_id: str) -> bool:
+    return bool(await rt.pool.exists(cancel_key(job_id)))
+
+
+def age_s(t: datetime | None) -> float:
+    return 0.0 if t is None else (utcnow() - t).total_seconds()

@@ -1,0 +1,94 @@
+"""Loaded models kept on the worker's device, least recently used evicted first, within a memory budget.
+
+A toon job needs the base generator (with its encoder and perceptual loss) and one toon generator per style;
+blends are derived from the two and cached inside each :class:`~gan.pipeline.Toonifier`. Loading a checkpoint
+costs seconds, so everything stays loaded until the budget says otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gan.align import FaceAligner
+from gan.checkpoints import CheckpointError, load_discriminator, load_generator
+from gan.encoder import load_encoder
+from gan.networks import Generator
+from gan.perceptual import build_perceptual_loss
+from gan.pipeline import Toonifier
+
+
+def module_bytes(*modules: torch.nn.Module | None) -> int:
+    return sum(t.numel() * t.element_size() for m in modules if m is not None for t in m.state_dict().values())
+
+
+@dataclass(frozen=True)
+class BaseModels:
+    """Where the base generator, its encoder and the optional LPIPS weights live."""
+
+    base: Path
+    encoder: Path | None = None
+    vgg: Path | None = None
+    lpips: Path | None = None
+
+
+class ModelCache:
+    """``toonifier(base_models, toon_path)`` → a ready Toonifier, sharing the base between styles."""
+
+    def __init__(self, device: str | torch.device, budget_bytes: int = 4 << 30, min_face_size: int = 64) -> None:
+        self.device = torch.device(device)
+        self.budget_bytes = budget_bytes
+        self.min_face_size = min_face_size
+        self._lock = threading.Lock()  # jobs load from worker threads
+        self._entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self.loads = 0  # checkpoint loads so far (a cache hit loads nothing)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def _get(self, key: tuple, load) -> object:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        value, size = load()
+        with self._lock:
+            self.loads += 1
+            self._entries[key] = (value, size)
+            self._entries.move_to_end(key)
+            while len(self._entries) > 1 and self.used_bytes > self.budget_bytes:
+                old, _ = self._entries.popitem(last=False)
+                if old[0] == "base":  # its Toonifiers hold it: drop them too, or nothing is freed
+                    for k in [k for k in self._entries if k[0] == "toonifier" and k[1] == old[1]]:
+                        del self._entries[k]
+        return value
+
+    def base(self, models: BaseModels) -> tuple[Generator, torch.nn.Module | None, torch.nn.Module]:
+        """(base generator, encoder or None, perceptual loss) for ``models``."""
+
+        def load():
+            G = load_generator(models.base, self.device).eval().requires_grad_(False)
+            try:
+                D = load_discriminator(models.base, self.device)
+            except CheckpointError:
+                D = None
+            enc = load_encoder(models.encoder, G, device=self.device) if models.encoder else None
+            loss = build_perceptual_loss(models.vgg, models.lpips, discriminator=D).to(self.device)
+            return (G, enc, loss), module_bytes(G, D, enc)
+
+        return self._get(("base", models), load)
+
+    def toonifier(self, models: BaseModels, toon_path: Path) -> Toonifier:
+        def load():
+            G, enc, loss = self.base(models)
+            toon = load_generator(toon_path, self.device)
+            aligner = FaceAligner(min_face_size=self.min_face_size)
+            tf = Toonifier(G, toon, encoder=enc, loss_fn=loss, aligner=aligner, device=self.device, cache_size=2)
+            return tf, module_bytes(toon) * (1 + 2)  # the toon generator and up to two cached blends
+
+        return self._get(("toonifier", models, str(toon_path)), load)

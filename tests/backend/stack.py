@@ -1,0 +1,63 @@
+"""The whole backend for integration tests: service + in-process worker on a real Redis and real SQL,
+with the bundled demo models. Also photos to feed it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend.batching import ProjectionBatcher
+from backend.model_cache import ModelCache
+from backend.progress import ProgressEvent
+from backend.service import Actor, ToonService
+from backend.worker import WorkerState, make_workers, stop_workers
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "astronaut.png"
+
+
+def astronaut(variant: int = 0) -> bytes:
+    """The portrait, slightly different per variant (brightness), so each variant is a distinct upload."""
+    im = Image.open(FIXTURE).convert("RGB")
+    if variant:
+        arr = np.asarray(im).astype(np.int16) + variant
+        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def blank_photo() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (120, 130, 140)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def actor(n: int = 1, admin: bool = False) -> Actor:
+    return Actor(platform="discord", user_id=str(1000 + n), name=f"user{n}", is_admin=admin)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(service: ToonService, queues: tuple[str, ...] = ("toon",)) -> AsyncIterator[WorkerState]:
+    state = WorkerState(rt=service.rt, models=ModelCache("cpu"), batcher=ProjectionBatcher())
+    await state.start()
+    workers = make_workers(state, queues)
+    tasks = [asyncio.create_task(w.async_run()) for w in workers]
+    try:
+        yield state
+    finally:
+        await stop_workers(workers, tasks)
+        await state.stop()
+
+
+async def events_until_done(service: ToonService, job_id: str, timeout_s: float = 240) -> list[ProgressEvent]:
+    events = []
+    async with contextlib.aclosing(service.watch(job_id, timeout_s=timeout_s)) as it:
+        async for ev in it:
+            events.append(ev)
+    return events
