@@ -36,6 +36,15 @@ class BaseModels:
     lpips: Path | None = None
 
 
+def base_models_from_manifest(models_dir: Path) -> BaseModels:
+    """The base generator and encoder named by the model manifest in ``models_dir``."""
+    from gan.styles import load_manifest
+
+    manifest = load_manifest(models_dir)
+    enc = manifest.get("encoder")
+    return BaseModels(base=models_dir / manifest["base"], encoder=models_dir / enc if enc else None)
+
+
 class ModelCache:
     """``toonifier(base_models, toon_path)`` → a ready Toonifier, sharing the base between styles."""
 

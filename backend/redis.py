@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -38,6 +40,7 @@ __all__ = [
     "ping",
     "redis_server_executable",
     "redis_settings",
+    "running_embedded_url",
 ]
 
 _PIDFILE = "redis-server.pid"
@@ -113,32 +116,57 @@ def _exited(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] in {"Z", "X"}
 
 
-def _reap_stale(data_dir: Path) -> None:
-    """Stop a server left behind by a previous process that used the same data_dir and died without close().
+def _is_server_in(pid: int, data_dir: Path) -> bool:
+    """True if ``pid`` is a redis-server working in ``data_dir`` (so a recycled pid is never mistaken for it).
 
-    Only a pid running a redis-server binary in this data_dir is touched, so a recycled pid is safe.
+    redis-server rewrites its command line (process title), but its binary and its working directory (it chdirs
+    to --dir) identify it.
     """
-    pidfile = data_dir / _PIDFILE
+    exe = os.path.realpath(f"/proc/{pid}/exe")
+    cwd = os.path.realpath(f"/proc/{pid}/cwd")
+    return Path(exe).name == "redis-server" and cwd == os.path.realpath(data_dir) and not _exited(pid)
+
+
+def _read_pidfile(data_dir: Path) -> dict[str, int] | None:
     try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
+        info = json.loads((data_dir / _PIDFILE).read_text())
+        return {k: int(info[k]) for k in ("pid", "owner", "port")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def running_embedded_url(data_dir: Path | str) -> str | None:
+    """URL of a live embedded server started under ``data_dir`` by a live process, else None.
+
+    Lets another process of the same deployment (a worker beside the service) share the service's server.
+    """
+    data_dir = Path(data_dir).absolute()
+    info = _read_pidfile(data_dir)
+    if info is None or not _is_server_in(info["pid"], data_dir) or _exited(info["owner"]):
+        return None
+    url = f"redis://127.0.0.1:{info['port']}/0"
+    return url if ping(url) else None
+
+
+def _reap_stale(data_dir: Path) -> None:
+    """Stop a server whose owner died without close(); refuse to start beside one whose owner is alive."""
+    info = _read_pidfile(data_dir)
+    if info is None:
         return
-    # redis-server rewrites its command line (process title), but its binary and working directory (it chdirs
-    # to --dir) identify it.
-    try:
-        exe = os.path.realpath(f"/proc/{pid}/exe")
-        cwd = os.path.realpath(f"/proc/{pid}/cwd")
-    except OSError:
-        exe = cwd = ""
-    if Path(exe).name == "redis-server" and cwd == os.path.realpath(data_dir):
+    if _is_server_in(info["pid"], data_dir):
+        if not _exited(info["owner"]):
+            raise EmbeddedRedisError(
+                f"an embedded Redis for {data_dir} already runs (pid {info['pid']}, started by pid {info['owner']}) "
+                f"at redis://127.0.0.1:{info['port']}/0: connect to it rather than starting another"
+            )
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(info["pid"], signal.SIGTERM)
         for _ in range(250):
-            if _exited(pid):
+            if _exited(info["pid"]):
                 break
             time.sleep(0.02)
     with contextlib.suppress(OSError):
-        pidfile.unlink()
+        (data_dir / _PIDFILE).unlink()
 
 
 def _stop_process(proc: subprocess.Popen, port: int) -> None:
@@ -157,9 +185,6 @@ def _stop_process(proc: subprocess.Popen, port: int) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
 
 
 class EmbeddedRedis:
@@ -174,18 +199,22 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.executable = redis_server_executable()
         self._lock = threading.Lock()
-        _reap_stale(self.data_dir)
-        last_error = ""
-        for _ in range(5):  # a free port can be taken between choosing it and binding it: retry
-            self.port = _free_port()
-            self._proc = self._spawn()
-            self._finalizer = weakref.finalize(self, _stop_process, self._proc, self.port)
-            error = self._wait_ready(startup_timeout_s)
-            if error is None:
-                (self.data_dir / _PIDFILE).write_text(str(self._proc.pid))
-                return
-            last_error = error
-            self._finalizer()
+        # Processes starting a server for the same data_dir at once take turns, so the second sees the first.
+        with open(self.data_dir / "redis.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _reap_stale(self.data_dir)
+            last_error = ""
+            for _ in range(5):  # a free port can be taken between choosing it and binding it: retry
+                self.port = _free_port()
+                self._proc = self._spawn()
+                self._finalizer = weakref.finalize(self, _stop_process, self._proc, self.port)
+                error = self._wait_ready(startup_timeout_s)
+                if error is None:
+                    info = {"pid": self._proc.pid, "owner": os.getpid(), "port": self.port}
+                    (self.data_dir / _PIDFILE).write_text(json.dumps(info))
+                    return
+                last_error = error
+                self._finalizer()
         raise EmbeddedRedisError(f"embedded redis-server did not start: {last_error}")
 
     def _spawn(self) -> subprocess.Popen:
@@ -198,21 +227,27 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir),
             "--daemonize", "no",
             "--loglevel", "warning",
+            "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
         return subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C to the service's terminal must not kill Redis before we flush
+            stdout=subprocess.DEVNULL,  # a pipe nobody reads would eventually block the server
+            stderr=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C meant for the service must not take Redis away while the service shuts
+            # down gracefully; close() stops it.
+            start_new_session=True,
         )
 
     def _wait_ready(self, timeout_s: float) -> str | None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
-                return f"exited with {self._proc.returncode}: {out.strip()[-500:]}"
+                try:
+                    log = (self.data_dir / "redis.log").read_text(errors="replace").strip()[-500:]
+                except OSError:
+                    log = ""
+                return f"exited with {self._proc.returncode}: {log}"
             if ping(self.url, timeout_s=0.2):
                 return None
             time.sleep(0.02)
@@ -277,16 +312,26 @@ class RedisHandle:
 
 
 async def connect(url: str | None, data_dir: Path | str | None = None) -> RedisHandle:
-    """Open an arq pool on ``url``; with ``url=None`` start an EmbeddedRedis under ``data_dir``/redis first.
+    """Open an arq pool on ``url``. With ``url=None``, use the embedded server under ``data_dir``/redis: attach
+    to one a live process of this deployment already runs (it stays that process's to stop), else start one
+    that this handle owns and close() stops.
 
     The pool returns bytes (arq's default); the progress and quota modules decode what they read.
     """
     embedded: EmbeddedRedis | None = None
     if url is None:
         if data_dir is None:
-            raise ValueError("connect(None, ...) starts an embedded Redis and needs a data_dir")
-        embedded = await asyncio.to_thread(EmbeddedRedis, Path(data_dir) / "redis")
-        url = embedded.url
+            raise ValueError("connect(None, ...) uses an embedded Redis and needs a data_dir")
+        redis_dir = Path(data_dir) / "redis"
+        url = await asyncio.to_thread(running_embedded_url, redis_dir)
+        if url is None:
+            try:
+                embedded = await asyncio.to_thread(EmbeddedRedis, redis_dir)
+                url = embedded.url
+            except EmbeddedRedisError:
+                url = await asyncio.to_thread(running_embedded_url, redis_dir)  # another process just won
+                if url is None:
+                    raise
     try:
         pool = await create_pool(redis_settings(url))
     except BaseException:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from arq.jobs import Job as ArqJob
 
 from backend import ledger
-from backend.blobs import expire_blobs
+from backend.blobs import ExpireResult, expire_blobs
 from backend.config import Settings
 from backend.db.models import (
     Blend,
@@ -126,6 +126,7 @@ class PollInfo:
     options: list[PollOptionInfo]
     tally: dict[int, int] = field(default_factory=dict)  # position -> votes
     winner: int | None = None
+    preview_job_id: str | None = None  # renders the grid of options on probe faces (watch it, then result())
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,16 @@ class ToonService:
             await s.commit()
         return [StyleInfo(r.name, r.status.value, r.community_id is not None, r.default_blend) for r in rows]
 
+    async def set_style(self, actor: Actor, place: Place | None, name: str) -> StyleInfo:
+        """``/style NAME``: the actor's default style from now on (it must be visible here)."""
+        async with self.rt.sessions() as s:
+            user = await self._user(s, actor)
+            comm = await self._community(s, place, user, actor)
+            st = await self._style(s, name, comm, drafts=actor.is_admin)
+            user.preferences = {**(user.preferences or {}), "style": st.name}
+            await s.commit()
+            return StyleInfo(st.name, st.status.value, st.community_id is not None, st.default_blend)
+
     async def _default_spec(self, s, style: StyleModel, comm: Community | None) -> dict[str, Any]:
         if comm is not None:
             blend = await s.scalar(
@@ -336,7 +347,13 @@ class ToonService:
         async with self.rt.sessions() as s:
             user = await self._user(s, actor)
             comm = await self._community(s, place, user, actor)
-            st = await self._style(s, style, comm, drafts=actor.is_admin)
+            preferred = (user.preferences or {}).get("style")
+            try:
+                st = await self._style(s, style or preferred, comm, drafts=actor.is_admin)
+            except NotFoundError:
+                if style:  # asked for by name: say so; a stale preference quietly falls back
+                    raise
+                st = await self._style(s, None, comm)
             spec_json = spec.to_json() if spec else await self._default_spec(s, st, comm)
             await s.commit()
             user_id, comm_id, style_id, style_name = user.id, comm.id if comm else None, st.id, st.name
@@ -544,8 +561,25 @@ class ToonService:
                 s.add(blend)
                 await s.flush()
                 s.add(PollOption(poll_id=poll.id, blend_id=blend.id, position=i + 1))
+            preview = Job(
+                key=f"preview:poll:{poll.id}",
+                kind=JobKind.PREVIEW,
+                user_id=user.id,
+                community_id=comm.id,
+                params={
+                    "poll_id": poll.id,
+                    "style_id": st.id,
+                    "style": st.name,
+                    "specs": [sp.to_json() for sp in specs],
+                },
+            )
+            preview.id = os.urandom(16).hex()
+            s.add(preview)
             await s.commit()
-            return await self._poll_info(s, poll.id)
+            info = await self._poll_info(s, poll.id)
+        await publish(self.rt.pool, ProgressEvent(job_id=preview.id, status="queued", stage="queued"))
+        await enqueue(self.rt.pool, preview)
+        return info
 
     async def _poll_info(self, s, poll_id: int) -> PollInfo:
         poll = await s.get(Poll, poll_id)
@@ -571,7 +605,9 @@ class ToonService:
         winner = None
         if poll.winner_blend_id is not None:
             winner = next((o.position for o, b in opts if b.id == poll.winner_blend_id), None)
+        preview = await s.scalar(sa.select(Job.id).where(Job.key == f"preview:poll:{poll.id}"))
         return PollInfo(
+            preview_job_id=preview,
             poll_id=poll.id,
             style=style.name,
             status=poll.status.value,
@@ -767,7 +803,7 @@ class ToonService:
             await self.rt.pool.delete(f"toonify:job:{job.id}:state")
         return ForgetReport(jobs=counts[0], blobs=counts[1], files=files, votes=counts[2], latents=counts[3])
 
-    async def expire(self) -> int:
+    async def expire(self) -> ExpireResult:
         """Delete expired selfies, results and cached latents (run periodically by the worker)."""
         async with self.rt.sessions() as s:
             await s.execute(sa.delete(CachedLatent).where(CachedLatent.expires_at <= utcnow()))

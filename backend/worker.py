@@ -44,7 +44,7 @@ from backend.batching import ProjectionBatcher
 from backend.config import Settings
 from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
 from backend.errors import BadInputError, JobCancelledError
-from backend.model_cache import BaseModels, ModelCache
+from backend.model_cache import BaseModels, ModelCache, base_models_from_manifest
 from backend.progress import ProgressEvent, publish
 from backend.redis import redis_settings
 from backend.runtime import QUEUE_NAMES, Runtime, open_runtime
@@ -88,12 +88,7 @@ class WorkerState:
 
     @property
     def base_models(self) -> BaseModels:
-        from gan.styles import load_manifest
-
-        d = self.rt.models_dir
-        manifest = load_manifest(d)
-        enc = manifest.get("encoder")
-        return BaseModels(base=d / manifest["base"], encoder=d / enc if enc else None)
+        return base_models_from_manifest(self.rt.models_dir)
 
     def cancel_event(self, job_id: str) -> threading.Event:
         return self.cancel_events.setdefault(job_id, threading.Event())
@@ -115,6 +110,7 @@ class WorkerState:
         await reconcile(self.rt)
         self.tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         self.tasks.append(asyncio.create_task(self._reconcile_forever(), name="reconcile"))
+        self.tasks.append(asyncio.create_task(self._maintain_forever(), name="maintenance"))
         self.tasks.append(asyncio.create_task(self._listen_cancel(), name="cancel-listener"))
 
     async def stop(self) -> None:
@@ -140,6 +136,19 @@ class WorkerState:
                 await reconcile(self.rt)
             except Exception:  # a hiccup of Redis or SQL: try again next round
                 log.exception("reconcile failed")
+
+    async def _maintain_forever(self, every_s: float = 60.0) -> None:
+        """Expire old selfies, results and latents; close polls past their deadline. Safe in every worker."""
+        from backend.service import ToonService
+
+        service = ToonService(self.rt)
+        while True:
+            try:
+                await service.expire()
+                await service.close_due_polls()
+            except Exception:
+                log.exception("maintenance failed")
+            await asyncio.sleep(every_s)
 
     async def _listen_cancel(self) -> None:
         pubsub = self.rt.pool.pubsub()
@@ -186,7 +195,7 @@ async def enqueue(pool: ArqRedis, job: Job) -> None:
 async def toon_job(ctx: dict, job_id: str) -> str:
     """arq entry point for ``toon`` and ``reblend`` jobs; returns the job's final status."""
     w: WorkerState = ctx["toonify"]
-    return await _run(w, job_id, ctx.get("job_try", 1), _toon)
+    return await _run(w, job_id, ctx.get("job_try", 1), _toon_or_preview)
 
 
 async def finetune_job(ctx: dict, job_id: str) -> str:
@@ -343,6 +352,57 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
         "style": style.name,
         "spec": spec.to_json(),
         "image_sha256": blob.sha256,
+    }
+
+
+async def _toon_or_preview(w: WorkerState, job: Job) -> dict[str, Any]:
+    return await (_preview(w, job) if job.kind == JobKind.PREVIEW else _toon(w, job))
+
+
+PROBE_SEEDS = (1, 2, 3, 4)  # the same probe faces for every poll, so polls are comparable
+
+
+async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
+    """A poll's grid: one row per candidate blend, the same probe faces in every row, labelled 1..N."""
+    from PIL import ImageDraw
+
+    from gan.images import z_from_seeds
+
+    rt, p = w.rt, job.params
+    async with rt.sessions() as s:
+        style = await s.get(StyleModel, p["style_id"])
+    if style is None:
+        raise BadInputError("this style no longer exists")
+    toon_path = Path(style.checkpoint_path)
+    tf = await asyncio.to_thread(w.models.toonifier, w.base_models, toon_path)
+    with torch.no_grad():
+        z = z_from_seeds(list(PROBE_SEEDS), tf.base.z_dim).to(tf.device)
+        ws = tf.base.mapping(z, truncation_psi=0.7).unsqueeze(1).expand(-1, tf.base.num_ws, -1)
+    rows = []
+    for i, spec_json in enumerate(p["specs"]):
+        await w.check_cancel(job.id)
+        faces = await asyncio.to_thread(tf.render, ws, BlendSpec.from_json(spec_json))
+        r = faces[0].width
+        row = Image.new("RGB", (r * len(faces) + r // 2, r), "white")
+        for j, face in enumerate(faces):
+            row.paste(face, (r // 2 + j * r, 0))
+        ImageDraw.Draw(row).text((4, 4), str(i + 1), fill="black")
+        rows.append(row)
+    grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for i, row in enumerate(rows):
+        grid.paste(row, (0, i * row.height))
+    scale = max(1, 256 // rows[0].height)  # tiny demo models: enlarge so a chat client shows it sensibly
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    sha = await _store_result(rt, job.user_id, _png(grid), rt.settings.result_retention_s)
+    row_shas = [await _store_result(rt, job.user_id, _png(r), rt.settings.result_retention_s) for r in rows]
+    return {
+        "composite": sha,
+        "crops": row_shas,
+        "faces": len(PROBE_SEEDS),
+        "too_small": 0,
+        "style": style.name,
+        "spec": {},
+        "poll_id": p["poll_id"],
     }
 
 

@@ -110,6 +110,7 @@ class JobKind(enum.StrEnum):
     TOON = "toon"
     REBLEND = "reblend"
     FINETUNE = "finetune"
+    PREVIEW = "preview"  # a poll's grid of candidate blends on probe faces
 
 
 class JobStatus(enum.StrEnum):
@@ -150,6 +151,7 @@ class User(Base):
     platform: Mapped[Platform] = mapped_column(str_enum(Platform))
     platform_user_id: Mapped[str] = mapped_column(sa.String(64))
     display_name: Mapped[str] = mapped_column(sa.String(128), default="")
+    preferences: Mapped[dict[str, Any] | None]  # e.g. {"style": "disney"} from /style
     created_at: Mapped[datetime] = _created_at()
 
     memberships: Mapped[list[Membership]] = relationship(

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from arq.connections import create_pool
 
-from backend.redis import EmbeddedRedis, LuaScript, connect, ping, redis_server_executable, redis_settings
+from backend.redis import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    LuaScript,
+    connect,
+    ping,
+    redis_server_executable,
+    redis_settings,
+    running_embedded_url,
+)
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url, with_db  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie awaiting its new parent's reaping counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return True
+    return state in {"Z", "X"}
 
 
 def _alive(pid: int) -> bool:
@@ -34,13 +58,16 @@ def test_embedded_start_ping_close(tmp_path: Path) -> None:
         assert server.running
         assert server.url.startswith("redis://127.0.0.1:")
         assert ping(server.url)
-        assert (tmp_path / "r" / "redis-server.pid").read_text() == str(pid)
+        info = json.loads((tmp_path / "r" / "redis-server.pid").read_text())
+        assert info == {"pid": pid, "owner": os.getpid(), "port": server.port}
+        assert running_embedded_url(tmp_path / "r") == server.url
     finally:
         server.close()
     assert not server.running
     assert not _alive(pid)
     assert not ping(server.url, timeout_s=0.2)
     assert not (tmp_path / "r" / "redis-server.pid").exists()
+    assert running_embedded_url(tmp_path / "r") is None
     server.close()  # idempotent
 
 
@@ -52,16 +79,42 @@ def test_embedded_context_manager_and_no_persistence(tmp_path: Path) -> None:
     assert not any(p.suffix in {".rdb", ".aof"} for p in tmp_path.iterdir())
 
 
+def test_embedded_refuses_to_start_beside_a_live_one(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path) as first:
+        with pytest.raises(EmbeddedRedisError, match="already runs"):
+            EmbeddedRedis(tmp_path)
+        assert ping(first.url)
+
+
+_DIE_WITHOUT_CLOSE = """
+import os, sys
+from backend.redis import EmbeddedRedis
+server = EmbeddedRedis(sys.argv[1])
+print(server.pid, flush=True)
+os._exit(0)  # no finalizers: the server outlives its owner
+"""
+
+
 def test_embedded_reaps_a_server_left_by_a_dead_owner(tmp_path: Path) -> None:
-    orphan = EmbeddedRedis(tmp_path)  # stands in for a server whose owner died without close()
-    second = EmbeddedRedis(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", _DIE_WITHOUT_CLOSE, str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    orphan = int(out.stdout.split()[0])
     try:
-        assert not orphan.running  # SIGTERMed by the second server's start (poll() reaps our own child)
-        assert ping(second.url)
-        assert not ping(orphan.url, timeout_s=0.2)
+        assert _alive(orphan)
+        assert running_embedded_url(tmp_path) is None  # its owner is dead: nobody should attach to it
+        with EmbeddedRedis(tmp_path) as second:
+            assert ping(second.url)
+            assert _gone(orphan)
     finally:
-        second.close()
-        orphan.close()
+        if not _gone(orphan):  # only if the test failed: never leave it behind
+            os.kill(orphan, signal.SIGKILL)
 
 
 @pytest.mark.asyncio
@@ -86,7 +139,12 @@ async def test_connect_embedded_and_close(tmp_path: Path) -> None:
     assert handle.embedded is not None
     pid = handle.embedded.pid
     assert await handle.pool.ping()
-    assert (tmp_path / "redis").is_dir()
+    # a second process of the deployment (here: a second connect) attaches instead of starting another
+    other = await connect(None, tmp_path)
+    assert other.embedded is None and other.url == handle.url
+    await other.pool.set("shared", "1")
+    await other.close()
+    assert await handle.pool.get("shared") == b"1"  # closing the attached handle left the server up
     await handle.close()
     assert handle.embedded is None
     assert not _alive(pid)

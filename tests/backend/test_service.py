@@ -217,3 +217,59 @@ async def test_worker_killed_mid_job_loses_nothing(tmp_path, redis_url, redis): 
                 p.terminate()
                 p.wait(timeout=30)
         await svc.close()
+
+
+@pytest.mark.asyncio
+async def test_blend_poll_votes_and_winner_becomes_the_community_default(service):
+    admin, alice, bob = actor(1, admin=True), actor(2), actor(3)
+    async with running_worker(service):
+        poll = await service.start_blend_poll(admin, GUILD, levels=(8, 16, 32))
+        assert [o.spec["resolution"] for o in poll.options] == [8, 16, 32]
+        events = await events_until_done(service, poll.preview_job_id)
+        assert events[-1].status == "done", events[-1]
+        grid = await service.result(poll.preview_job_id)
+        with Image.open(io.BytesIO(grid.composite)) as im:
+            assert im.height >= 3 * 64  # one row per option
+        assert len(grid.crops) == 3
+
+        await service.vote(alice, GUILD, poll.poll_id, 1)
+        await service.vote(bob, GUILD, poll.poll_id, 1)
+        info = await service.vote(alice, GUILD, poll.poll_id, 3)  # changed her mind: still one vote
+        assert info.tally == {1: 1, 2: 0, 3: 1}
+        await service.vote(admin, GUILD, poll.poll_id, 3)
+        with pytest.raises(NotAllowedError):
+            await service.close_poll(bob, GUILD, poll.poll_id)
+        closed = await service.close_poll(admin, GUILD, poll.poll_id)
+        assert closed.status == "closed" and closed.winner == 3
+        with pytest.raises(Exception, match="closed"):
+            await service.vote(bob, GUILD, poll.poll_id, 2)
+
+        ticket = await service.submit_toon(bob, GUILD, astronaut(), mode="fast")  # no blend given
+        assert (await events_until_done(service, ticket.job_id))[-1].status == "done"
+        assert (await service.result(ticket.job_id)).spec["resolution"] == 32  # the community's winner
+        elsewhere = Place(platform="discord", community_id="43")  # another server keeps the style's default
+        other = await service.submit_toon(bob, elsewhere, astronaut(), mode="fast")
+        assert (await events_until_done(service, other.job_id))[-1].status == "done"
+        assert (await service.result(other.job_id)).spec["resolution"] == 16  # the demo style's manifest blend
+
+
+@pytest.mark.asyncio
+async def test_selfies_expire_and_style_preferences_stick(service):
+    ticket = await service.submit_toon(actor(1), GUILD, astronaut())
+    async with service.rt.sessions() as s:
+        selfie = (await s.scalars(sa.select(Blob).where(Blob.kind == "selfie"))).one()
+        assert selfie.expires_at is not None
+        selfie.expires_at = selfie.created_at  # as if the retention period had passed
+        await s.commit()
+    assert service.rt.blobs.exists(selfie.sha256)
+    expired = await service.expire()
+    assert expired.rows == 1
+    assert await count(service, Blob, Blob.kind == "selfie") == 0
+    async with service.rt.sessions() as s:
+        assert (await s.get(Job, ticket.job_id)).input_blob_id is None
+
+    with pytest.raises(Exception, match="no style called"):
+        await service.set_style(actor(1), GUILD, "nope")
+    info = await service.set_style(actor(1), GUILD, "demo")
+    assert info.name == "demo"
+    assert [st.name for st in await service.list_styles(GUILD)] == ["demo"]

@@ -1,0 +1,123 @@
+"""Queue benchmark: toon throughput with 1 and 8 jobs waiting, batched vs one by one, and the queue's overhead.
+
+    python bench/queue.py                      # embedded Redis, SQLite in a temp dir, demo models, CPU
+    REDIS_URL=redis://127.0.0.1:6379/13 python bench/queue.py --jobs 8 --mode balanced
+
+Each run submits N different photos (the astronaut portrait, brightness-shifted per job, one user each) while
+no worker runs, then starts an in-process worker and times until every job is done:
+- ``batched``: the worker takes up to 8 jobs at once and their projections share one pass;
+- ``one by one``: the same worker with ``max_jobs=1`` (what a plain arq GPU worker does).
+The overhead row compares one job through the queue with the same photo through ``Toonifier.toonify``
+directly (models already loaded in both). Nothing is asserted; numbers are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.batching import ProjectionBatcher  # noqa: E402
+from backend.config import Settings  # noqa: E402
+from backend.model_cache import ModelCache, base_models_from_manifest  # noqa: E402
+from backend.service import Actor, ToonService  # noqa: E402
+from backend.worker import WorkerState, make_workers, stop_workers  # noqa: E402
+from gan.styles import DEMO_DIR, get_style  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "astronaut.png"
+
+
+def photo(variant: int) -> bytes:
+    arr = np.asarray(Image.open(FIXTURE).convert("RGB")).astype(np.int16) + variant
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def run_batch(settings: Settings, models: ModelCache, n: int, mode: str, offset: int) -> tuple[float, list]:
+    """Submit n jobs, start a worker, return (seconds until all done, faces per projection pass)."""
+    service = await ToonService.open(settings)
+    try:
+        tickets = [
+            await service.submit_toon(Actor("cli", f"bench{offset + i}"), None, photo(offset + i), mode=mode)
+            for i in range(n)
+        ]
+        state = WorkerState(rt=service.rt, models=models, batcher=ProjectionBatcher())
+        await state.start()
+        t0 = time.perf_counter()
+        workers = make_workers(state, ("toon",))
+        tasks = [asyncio.create_task(w.async_run()) for w in workers]
+        try:
+            for t in tickets:
+                async for ev in service.watch(t.job_id, timeout_s=1800):
+                    if ev.terminal:
+                        if ev.status != "done":
+                            raise RuntimeError(f"job {t.job_id} {ev.status}: {ev.error}")
+                        break
+            elapsed = time.perf_counter() - t0
+        finally:
+            await stop_workers(workers, tasks)
+            await state.stop()
+        return elapsed, list(state.batcher.passes)
+    finally:
+        await service.close()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="toonify-bench-"))
+    env = {**os.environ, "TOONIFY_DATA_DIR": str(tmp), "TOONIFY_QUOTA_MAX_QUEUE": "1000"}
+    models = ModelCache(args.device)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# torch {torch.__version__}, {dev}; mode {args.mode}; Redis {env.get('REDIS_URL') or 'embedded'}")
+
+    # Warm-up (loads the models into the shared cache) and the single-job overhead.
+    one = Settings.from_env({**env, "TOONIFY_TOON_MAX_JOBS": "8"})
+    await run_batch(one, models, 1, args.mode, offset=900)
+    queued_s, _ = await run_batch(one, models, 1, args.mode, offset=901)
+    models_dir = one.models_dir or DEMO_DIR  # the same (cached) models the worker used
+    tf = models.toonifier(base_models_from_manifest(models_dir), get_style(None, models_dir).toon)
+    t0 = time.perf_counter()
+    await asyncio.to_thread(tf.toonify, photo(902), mode=args.mode)
+    direct_s = time.perf_counter() - t0
+
+    print(f"\n{'scenario':>28} {'jobs':>5} {'seconds':>8} {'jobs/min':>9} {'faces per pass':>16}")
+    print(f"{'direct Toonifier.toonify':>28} {1:>5} {direct_s:>8.2f} {60 / direct_s:>9.1f} {'-':>16}")
+    print(f"{'through the queue':>28} {1:>5} {queued_s:>8.2f} {60 / queued_s:>9.1f} {'1':>16}")
+    results = {}
+    for label, max_jobs in (("batched (max_jobs=8)", 8), ("one by one (max_jobs=1)", 1)):
+        settings = Settings.from_env({**env, "TOONIFY_TOON_MAX_JOBS": str(max_jobs)})
+        seconds, passes = await run_batch(settings, models, args.jobs, args.mode, offset=100 * max_jobs)
+        results[max_jobs] = seconds
+        shown = ",".join(map(str, passes[:8])) + ("…" if len(passes) > 8 else "")
+        print(f"{label:>28} {args.jobs:>5} {seconds:>8.2f} {60 * args.jobs / seconds:>9.1f} {shown:>16}")
+    ratio = results[8] / results[1]
+    print(f"\nqueue overhead for one job: {queued_s - direct_s:+.2f} s; batched/one-by-one time: {ratio:.2f}")
+    with contextlib.suppress(OSError):
+        import shutil
+
+        shutil.rmtree(tmp)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--mode", default="balanced", choices=["fast", "balanced", "quality"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
