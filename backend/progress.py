@@ -164,6 +164,8 @@ async def watch(
 
     Use ``contextlib.aclosing(watch(...))`` when you may stop early, so the pub/sub connection is released.
     """
+    if poll_s <= 0:
+        raise ValueError(f"poll_s must be positive, got {poll_s}")
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
     last: ProgressEvent | None = None

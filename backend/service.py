@@ -10,6 +10,7 @@ idempotent: the same photo with the same options from the same person is one job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -230,6 +231,12 @@ class ToonService:
         if not actor.is_admin:
             raise NotAllowedError("only the admins of this community can do that")
         return user, comm
+
+    async def require_admin(self, actor: Actor, place: Place | None) -> None:
+        """Raise NotAllowedError unless ``actor`` administers ``place`` (front ends check before downloading)."""
+        async with self.rt.sessions() as s:
+            await self._require_admin(s, actor, place)
+            await s.commit()
 
     # ----------------------------------------------------------------------------------------------- styles
 
@@ -502,6 +509,18 @@ class ToonService:
             await s.commit()
         return res.rowcount == 1
 
+    async def active_job(self, actor: Actor) -> str | None:
+        """The actor's most recent queued or running job, if any (what ``/cancel`` stops)."""
+        async with self.rt.sessions() as s:
+            user = await self._user(s, actor)
+            await s.commit()
+            return await s.scalar(
+                sa.select(Job.id)
+                .where(Job.user_id == user.id, Job.status.in_(ledger.ACTIVE))
+                .order_by(Job.created_at.desc())
+                .limit(1)
+            )
+
     async def cancel(self, actor: Actor, job_id: str) -> bool:
         """Stop a job of the actor's (a queued one at once, a running one at its next step); False if it ended."""
         async with self.rt.sessions() as s:
@@ -521,7 +540,8 @@ class ToonService:
         if job.status == JobStatus.QUEUED and await ledger.finish(
             self.rt, job, JobStatus.CANCELLED, error="cancelled", only_from=(JobStatus.QUEUED,)
         ):
-            await ArqJob(job_id, self.rt.pool, _queue_name=queue).abort(timeout=0)
+            with contextlib.suppress(TimeoutError):  # abort() marks the job, then waits for its end: we don't
+                await ArqJob(job_id, self.rt.pool, _queue_name=queue).abort(timeout=0)
         return True
 
     # ----------------------------------------------------------------------------------------------- polls
@@ -676,6 +696,21 @@ class ToonService:
             await s.commit()
             return await self._poll_info(s, poll_id)
 
+    async def open_poll(self, place: Place | None) -> PollInfo | None:
+        """The community's most recent open poll."""
+        async with self.rt.sessions() as s:
+            comm = await self._community(s, place)
+            await s.commit()
+            if comm is None:
+                return None
+            poll_id = await s.scalar(
+                sa.select(Poll.id)
+                .where(Poll.community_id == comm.id, Poll.status == PollStatus.OPEN)
+                .order_by(Poll.created_at.desc())
+                .limit(1)
+            )
+            return None if poll_id is None else await self._poll_info(s, poll_id)
+
     async def close_due_polls(self) -> list[PollInfo]:
         """Close every open poll past its deadline (run periodically by the worker)."""
         async with self.rt.sessions() as s:
@@ -690,6 +725,7 @@ class ToonService:
         self, actor: Actor, place: Place | None, name: str, dataset: bytes, *, steps: int = 400
     ) -> JobTicket:
         """Admins: store a zip of images and queue a fine-tune of the base model into draft style ``name``."""
+        await self.require_admin(actor, place)
         name = name.strip().lower()
         if not name or len(name) > 32 or not all(c.isalnum() or c in "-_" for c in name):
             raise BadInputError("a style name is 1 to 32 letters, digits, '-' or '_'")

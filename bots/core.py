@@ -1,0 +1,384 @@
+"""The command core: every command and button, for every platform. Front ends only translate.
+
+A front end turns a platform event into a :class:`Command` (or a button press) plus a :class:`Conversation`
+that knows how to send and edit messages there; the core parses and validates, calls the service, and renders
+replies, progress and errors as :class:`Reply` objects. Progress goes into one message, edited at most every
+``progress_interval_s`` and never with unchanged content; the result is sent as a new message with buttons for
+the next step. Button actions are short strings (Telegram's callback data holds at most 64 bytes):
+``b:<level>`` re-blend my last toon, ``v:<poll>:<option>`` vote, ``c:<job>`` cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backend.errors import ServiceError
+from backend.service import Actor, Place, PollInfo, ToonService
+from bots.strings import t
+
+log = logging.getLogger("toonify.bots")
+MODES = ("fast", "balanced", "quality")
+BLEND_BUTTONS = (8, 16, 32, 64)
+ORIGIN = "origin"  # Conversation.edit(ORIGIN, …): the message whose button was pressed
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file attached to a command: metadata first, bytes only when the core asks (after the size check)."""
+
+    filename: str
+    content_type: str | None
+    size: int | None
+    fetch: Callable[[], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Button:
+    label: str
+    action: str  # at most 64 bytes
+
+    def __post_init__(self) -> None:
+        if len(self.action.encode()) > 64:
+            raise ValueError(f"button action longer than 64 bytes: {self.action!r}")
+
+
+@dataclass
+class Reply:
+    text: str
+    images: list[tuple[str, bytes]] = field(default_factory=list)  # (filename, PNG bytes)
+    buttons: list[list[Button]] = field(default_factory=list)  # rows of buttons
+    ephemeral: bool = False  # only the actor sees it, where the platform can do that
+
+    def same_as(self, other: Reply | None) -> bool:
+        return other is not None and (self.text, self.buttons) == (other.text, other.buttons) and not self.images
+
+
+class Conversation(Protocol):
+    """How the core talks back on one platform, in one chat, for one command or button press."""
+
+    upload_limit: int  # bytes the platform lets the bot download for this actor
+
+    async def send(self, reply: Reply) -> Any: ...  # returns a handle for edit()
+
+    async def edit(self, handle: Any, reply: Reply) -> None: ...
+
+    async def working(self) -> None: ...  # a "typing…" hint; a no-op where there is none
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # without the slash, lower case
+    args: list[str]
+    actor: Actor
+    place: Place | None  # None in a private chat
+    upload: Upload | None = None
+    locale: str = "en"
+    options: dict[str, Any] = field(default_factory=dict)  # typed options (Discord slash commands)
+
+
+def parse_text_command(text: str, bot_username: str | None = None) -> tuple[str, list[str]] | None:
+    """'/toon@MyBot disney 32' -> ('toon', ['disney', '32']); None when the text is no command (for this bot)."""
+    text = (text or "").strip()
+    if not text.startswith("/"):
+        return None
+    head, *args = text.split()
+    name, _, target = head[1:].partition("@")
+    if target and bot_username and target.lower() != bot_username.lower():
+        return None
+    return name.lower(), args
+
+
+def progress_bar(step: int | None, total: int | None, width: int = 12) -> str:
+    if not total:
+        return ""
+    done = round(width * min(step or 0, total) / total)
+    return "▰" * done + "▱" * (width - done)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "a moment"
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
+
+
+class CommandCore:
+    """``await core.run(command, conversation)`` and ``await core.press(action, actor, place, conversation)``."""
+
+    def __init__(self, service: ToonService, *, progress_interval_s: float = 1.5, working_every_s: float = 4.0):
+        self.service = service
+        self.progress_interval_s = progress_interval_s
+        self.working_every_s = working_every_s
+
+    # ------------------------------------------------------------------------------------------ dispatch
+
+    async def run(self, cmd: Command, conv: Conversation) -> None:
+        handler = {
+            "start": self._help,
+            "help": self._help,
+            "toon": self._toon,
+            "blend": self._blend,
+            "style": self._style,
+            "styles": self._styles,
+            "cancel": self._cancel,
+            "forget": self._forget,
+            "finetune": self._finetune,
+            "publish": self._publish,
+            "poll": self._poll,
+        }.get(cmd.name)
+        try:
+            if handler is None:
+                await conv.send(Reply(t("unknown", cmd.locale), ephemeral=True))
+                return
+            await handler(cmd, conv)
+        except ServiceError as e:
+            await conv.send(Reply(str(e), ephemeral=True))
+        except Exception:
+            log.exception("command /%s failed", cmd.name)
+            await conv.send(Reply(t("error", cmd.locale), ephemeral=True))
+
+    async def press(self, action: str, actor: Actor, place: Place | None, conv: Conversation, locale: str = "en"):
+        kind, _, rest = action.partition(":")
+        try:
+            if kind == "b":
+                await self._reblend(actor, place, int(rest), conv, locale)
+            elif kind == "v":
+                poll_id, _, position = rest.partition(":")
+                info = await self.service.vote(actor, place, int(poll_id), int(position))
+                await conv.edit(ORIGIN, self._poll_reply(info, locale))
+                await conv.send(Reply(t("vote_ok", locale, position=position), ephemeral=True))
+            elif kind == "c":
+                stopped = await self.service.cancel(actor, rest)
+                await conv.send(Reply(t("cancel_ok" if stopped else "cancel_none", locale), ephemeral=True))
+            else:
+                await conv.send(Reply(t("unknown", locale), ephemeral=True))
+        except ServiceError as e:
+            await conv.send(Reply(str(e), ephemeral=True))
+        except Exception:
+            log.exception("button %s failed", action)
+            await conv.send(Reply(t("error", locale), ephemeral=True))
+
+    # ------------------------------------------------------------------------------------------ commands
+
+    async def _help(self, cmd: Command, conv: Conversation) -> None:
+        await conv.send(Reply(t("help", cmd.locale)))
+
+    async def _toon(self, cmd: Command, conv: Conversation) -> None:
+        if cmd.upload is None:
+            await conv.send(Reply(t("need_photo", cmd.locale), ephemeral=True))
+            return
+        style, blend, mode = cmd.options.get("style"), cmd.options.get("blend"), cmd.options.get("mode")
+        for arg in cmd.args:
+            if arg.isdigit():
+                blend = int(arg)
+            elif arg.lower() in MODES:
+                mode = arg.lower()
+            else:
+                style = arg
+        data = await self._download(cmd, conv)
+        if data is None:
+            return
+        ticket = await self.service.submit_toon(
+            cmd.actor, cmd.place, data, style=style, blend=blend, mode=mode or "balanced"
+        )
+        await self.follow(ticket.job_id, conv, cmd.locale, note=t("already", cmd.locale) if ticket.duplicate else None)
+
+    async def _download(self, cmd: Command, conv: Conversation) -> bytes | None:
+        up = cmd.upload
+        limit = min(conv.upload_limit, self.service.rt.settings.max_upload_bytes)
+        if up.size is not None and up.size > limit:
+            size, mb = f"{up.size / 2**20:.1f}", f"{limit / 2**20:.0f}"
+            await conv.send(Reply(t("too_big", cmd.locale, size=size, limit=mb)))
+            return None
+        return await up.fetch()
+
+    async def _blend(self, cmd: Command, conv: Conversation) -> None:
+        level = cmd.options.get("resolution")
+        if level is None and cmd.args and cmd.args[0].lower() == "vote":
+            levels = tuple(int(a) for a in cmd.args[1:] if a.isdigit()) or (8, 16, 32)
+            await self._start_poll(cmd, conv, levels)
+            return
+        if level is None:
+            if not cmd.args or not cmd.args[0].isdigit():
+                await conv.send(Reply(t("blend_usage", cmd.locale), ephemeral=True))
+                return
+            level = int(cmd.args[0])
+        await self._reblend(cmd.actor, cmd.place, int(level), conv, cmd.locale, style=cmd.options.get("style"))
+
+    async def _reblend(
+        self, actor: Actor, place: Place | None, level: int, conv: Conversation, locale: str, style: str | None = None
+    ) -> None:
+        ticket = await self.service.reblend(actor, place, level, style=style)
+        await self.follow(ticket.job_id, conv, locale)
+
+    async def _style(self, cmd: Command, conv: Conversation) -> None:
+        name = cmd.options.get("name") or (cmd.args[0] if cmd.args else None)
+        if not name:
+            await conv.send(Reply(t("style_usage", cmd.locale), ephemeral=True))
+            return
+        info = await self.service.set_style(cmd.actor, cmd.place, name)
+        await conv.send(Reply(t("style_set", cmd.locale, style=info.name), ephemeral=True))
+
+    async def _styles(self, cmd: Command, conv: Conversation) -> None:
+        styles = await self.service.list_styles(cmd.place)
+        names = ", ".join(s.name for s in styles)
+        await conv.send(Reply(t("styles", cmd.locale, names=names) if styles else t("no_styles", cmd.locale)))
+
+    async def _cancel(self, cmd: Command, conv: Conversation) -> None:
+        job_id = await self.service.active_job(cmd.actor)
+        stopped = job_id is not None and await self.service.cancel(cmd.actor, job_id)
+        await conv.send(Reply(t("cancel_ok" if stopped else "cancel_none", cmd.locale), ephemeral=True))
+
+    async def _forget(self, cmd: Command, conv: Conversation) -> None:
+        r = await self.service.forget_user(cmd.actor)
+        await conv.send(Reply(t("forgot", cmd.locale, jobs=r.jobs, files=r.files, votes=r.votes), ephemeral=True))
+
+    async def _finetune(self, cmd: Command, conv: Conversation) -> None:
+        await self.service.require_admin(cmd.actor, cmd.place)  # before downloading anything
+        name = cmd.options.get("name") or (cmd.args[0] if cmd.args else None)
+        if not name or cmd.upload is None:
+            await conv.send(Reply(t("finetune_usage", cmd.locale), ephemeral=True))
+            return
+        data = await self._download(cmd, conv)
+        if data is None:
+            return
+        ticket = await self.service.start_finetune(cmd.actor, cmd.place, name, data)
+        await conv.send(Reply(t("finetune_queued", cmd.locale, name=name)))
+        await self.follow(ticket.job_id, conv, cmd.locale)
+
+    async def _publish(self, cmd: Command, conv: Conversation) -> None:
+        name = cmd.options.get("name") or (cmd.args[0] if cmd.args else "")
+        info = await self.service.publish_style(cmd.actor, cmd.place, name)
+        await conv.send(Reply(t("published", cmd.locale, name=info.name)))
+
+    async def _poll(self, cmd: Command, conv: Conversation) -> None:
+        if not cmd.args or cmd.args[0].lower() != "close":
+            await conv.send(Reply(t("poll_close_usage", cmd.locale), ephemeral=True))
+            return
+        info = await self.service.open_poll(cmd.place)
+        if info is None:
+            await conv.send(Reply(t("no_open_poll", cmd.locale), ephemeral=True))
+            return
+        closed = await self.service.close_poll(cmd.actor, cmd.place, info.poll_id)
+        await conv.send(self._poll_reply(closed, cmd.locale))
+
+    async def _start_poll(self, cmd: Command, conv: Conversation, levels: tuple[int, ...]) -> None:
+        info = await self.service.start_blend_poll(cmd.actor, cmd.place, style=cmd.options.get("style"), levels=levels)
+        handle = await conv.send(self._poll_reply(info, cmd.locale))
+        if info.preview_job_id:  # the grid of candidates arrives when the worker has drawn it
+            async for ev in self.service.watch(info.preview_job_id, timeout_s=600):
+                if ev.terminal:
+                    break
+            if ev.status == "done":
+                grid = await self.service.result(info.preview_job_id)
+                await conv.edit(handle, self._poll_reply(info, cmd.locale, grid=grid.composite))
+
+    def _poll_reply(self, info: PollInfo, locale: str, grid: bytes | None = None) -> Reply:
+        labels = ", ".join(f"{o.position}: {o.label}" for o in info.options)
+        tally = ", ".join(f"{p}: {n}" for p, n in sorted(info.tally.items()))
+        if info.status == "closed":
+            if info.winner is None:
+                text = t("poll_closed_none", locale)
+            else:
+                text = t("poll_closed", locale, winner=f"{info.winner} ({info.options[info.winner - 1].label})")
+            return Reply(f"{text}\n{t('poll_tally', locale, tally=tally)}")
+        closes = info.closes_at.strftime("%Y-%m-%d %H:%M UTC")
+        text = t("poll", locale, style=info.style, labels=labels, closes=closes)
+        text += "\n" + t("poll_tally", locale, tally=tally)
+        buttons = [
+            [
+                Button(t("button_vote", locale, position=o.position), f"v:{info.poll_id}:{o.position}")
+                for o in info.options
+            ]
+        ]
+        return Reply(text, images=[("poll.png", grid)] if grid else [], buttons=buttons)
+
+    # ------------------------------------------------------------------------------------------ progress
+
+    async def follow(self, job_id: str, conv: Conversation, locale: str, note: str | None = None) -> None:
+        """One message edited with progress until the job ends, then the result (sent once) or the error."""
+        cancel = [[Button(t("button_cancel", locale), f"c:{job_id}")]]
+        first = Reply((note + "\n" if note else "") + t("starting", locale), buttons=cancel)
+        handle = await conv.send(first)
+        shown, last_edit, last_working = first, time.monotonic(), 0.0
+        final = None
+        async with contextlib.aclosing(self.service.watch(job_id, timeout_s=3600)) as events:
+            async for ev in events:
+                if ev.terminal:
+                    final = ev
+                    break
+                now = time.monotonic()
+                if now - last_working >= self.working_every_s:
+                    last_working = now
+                    with contextlib.suppress(Exception):
+                        await conv.working()
+                reply = Reply(self._progress_text(ev, locale), buttons=cancel)
+                if reply.same_as(shown) or now - last_edit < self.progress_interval_s:
+                    continue  # throttled, and never an identical edit
+                await self._safe_edit(conv, handle, reply)
+                shown, last_edit = reply, now
+        if final is None or final.status != "done":
+            text = (
+                t("cancelled", locale)
+                if final and final.status == "cancelled"
+                else t("failed", locale, error=(final.error if final else "no answer from the workers"))
+            )
+            await self._safe_edit(conv, handle, Reply(text))
+            return
+        await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))
+        if not await self.service.claim_delivery(job_id):
+            return  # another front end process already delivered it
+        await self._deliver(job_id, final.result or {}, conv, handle, locale)
+
+    async def _deliver(self, job_id: str, result: dict, conv: Conversation, handle: Any, locale: str) -> None:
+        if "checkpoint" in result:  # a fine-tune
+            text = t(
+                "finetune_done",
+                locale,
+                name=result.get("style"),
+                images=result.get("images"),
+                steps=result.get("steps"),
+            )
+            await self._safe_edit(conv, handle, Reply(text))
+            return
+        out = await self.service.result(job_id)
+        blend = out.spec.get("resolution", "?")
+        key = "done" if out.faces <= 1 else "done_faces"
+        text = t(key, locale, style=out.style, blend=blend, faces=out.faces)
+        if out.too_small:
+            text += t("too_small_note", locale, n=out.too_small)
+        images = [("toon.png", out.composite)] + [(f"face{i + 1}.png", c) for i, c in enumerate(out.crops)]
+        buttons = [[Button(t("button_blend", locale, level=lv), f"b:{lv}") for lv in BLEND_BUTTONS if lv != blend]]
+        await conv.send(Reply(text, images=images, buttons=buttons))
+
+    @staticmethod
+    async def _safe_edit(conv: Conversation, handle: Any, reply: Reply) -> None:
+        try:
+            await conv.edit(handle, reply)
+        except Exception:  # a lost progress edit must never lose the result that follows
+            log.warning("progress edit failed", exc_info=True)
+
+    @staticmethod
+    def _progress_text(ev, locale: str) -> str:
+        if ev.status == "queued":
+            if ev.queue_position:
+                return t("queued", locale, ahead=ev.queue_position, eta=_eta(ev.eta_s))
+            return t("queued_next", locale)
+        stage = ev.stage or "start"
+        key = f"stage_{stage}"
+        try:
+            return t(key, locale, bar=progress_bar(ev.step, ev.total), step=ev.step or 0, total=ev.total or 0)
+        except KeyError:
+            return t("starting", locale)
+
+
+async def run_command(core: CommandCore, cmd: Command, conv: Conversation) -> asyncio.Task:
+    """Run a command in its own task (a slow toon must never block the front end's update loop)."""
+    return asyncio.create_task(core.run(cmd, conv), name=f"/{cmd.name} by {cmd.actor.user_id}")

@@ -1,0 +1,66 @@
+"""Every sentence the bots say, in one catalogue per language (English first; others fall back to it)."""
+
+from __future__ import annotations
+
+STRINGS: dict[str, dict[str, str]] = {
+    "en": {
+        "help": (
+            "Send a selfie with /toon and get yourself back as a toon.\n"
+            "/toon [style] [blend] [fast|balanced|quality] (attach a photo, or reply to one)\n"
+            "/blend <4-256>: re-draw your last toon with another blend (small = more toon)\n"
+            "/blend vote: let this community vote on its favourite blend (admins)\n"
+            "/style <name>: your default style; /styles lists them\n"
+            "/cancel: stop your running job; /forget: delete everything of yours\n"
+            "Admins: /finetune <name> (attach a .zip of images), /publish <name>, /poll close"
+        ),
+        "need_photo": "Attach a photo to /toon (or reply /toon to a photo).",
+        "too_big": "That file is {size} MB; the limit here is {limit} MB. Send a smaller photo.",
+        "queued": "Queued. {ahead} ahead of you, about {eta} to go.",
+        "queued_next": "Queued: you're next.",
+        "starting": "Starting…",
+        "stage_load": "Warming up the models…",
+        "stage_align": "Finding faces…",
+        "stage_project": "Learning your face… {bar} {step}/{total}",
+        "stage_render": "Drawing your toon…",
+        "stage_paste": "Putting it back in your photo…",
+        "stage_upload": "Almost there…",
+        "stage_finetune": "Training the style… {bar} {step}/{total}",
+        "done": "Here you are ({style}, blend {blend}). Try another blend below.",
+        "done_faces": "Here you are: {faces} faces ({style}, blend {blend}).",
+        "too_small_note": " {n} face(s) were too small to use.",
+        "failed": "Sorry, that didn't work: {error}",
+        "cancelled": "Cancelled.",
+        "cancel_none": "You have nothing running.",
+        "cancel_ok": "Stopping your job…",
+        "already": "You already sent this one; here's where it stands.",
+        "blend_usage": "Use /blend followed by a number such as 8, 16 or 32 (or /blend vote).",
+        "style_set": "Your default style is now {style}.",
+        "style_usage": "Use /style followed by a style name. /styles lists them.",
+        "styles": "Styles here: {names}",
+        "no_styles": "There are no styles here yet.",
+        "forgot": "Done: I deleted {jobs} job(s), {files} file(s) and {votes} vote(s) of yours.",
+        "poll": "Vote for this community's {style} blend! Rows top to bottom: {labels}. Closes {closes}.",
+        "poll_tally": "Votes: {tally}",
+        "poll_closed": "The poll is closed. Winner: {winner}.",
+        "poll_closed_none": "The poll is closed without votes; nothing changed.",
+        "vote_ok": "Your vote: option {position}.",
+        "poll_close_usage": "Use /poll close (closes this community's latest open poll).",
+        "no_open_poll": "There is no open poll here.",
+        "finetune_usage": "Use /finetune <name> with a .zip of 8 or more images attached.",
+        "finetune_queued": "Fine-tuning '{name}' is queued. I'll post progress here.",
+        "finetune_done": "'{name}' is trained ({images} images, {steps} steps). Publish it with /publish {name}.",
+        "published": "'{name}' is published: everyone here can use /toon {name}.",
+        "unknown": "I don't know that command. /help lists what I can do.",
+        "error": "Something went wrong on my side. Please try again in a minute.",
+        "button_blend": "Blend {level}",
+        "button_cancel": "Cancel",
+        "button_vote": "Vote {position}",
+    },
+}
+
+
+def t(key: str, locale: str | None = None, **kw: object) -> str:
+    """The sentence ``key`` in ``locale`` (e.g. 'de' or 'pt-BR'; English when missing), formatted with ``kw``."""
+    lang = (locale or "en").split("-")[0].split("_")[0].lower()
+    text = STRINGS.get(lang, {}).get(key) or STRINGS["en"][key]
+    return text.format(**kw) if kw else text
