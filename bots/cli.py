@@ -1,0 +1,122 @@
+"""The ``toonify`` command line: every ``gan`` and ``backend`` command, plus ``bot`` and ``up``.
+
+``toonify up`` is the one-process deployment: it opens the service (embedded Redis when ``REDIS_URL`` is unset,
+SQLite when ``DATABASE_URL`` is unset), runs a worker, and starts each bot whose token is set
+(``TELEGRAM_TOKEN``, ``DISCORD_TOKEN``). ``toonify bot telegram|discord`` runs one front end alone, for
+deployments where workers run elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from backend.config import Settings
+
+FRONT_ENDS = ("telegram", "discord")
+log = logging.getLogger("toonify")
+
+
+def _tokens(names: tuple[str, ...]) -> dict[str, str]:
+    return {n: os.environ[f"{n.upper()}_TOKEN"] for n in names if os.environ.get(f"{n.upper()}_TOKEN")}
+
+
+async def _run_front_end(name: str, service, token: str, stop: asyncio.Event) -> None:
+    if name == "telegram":
+        from bots.telegram import run_telegram
+
+        await run_telegram(service, token, stop)
+    else:
+        from bots.discord import run_discord
+
+        await run_discord(service, token, stop)
+
+
+async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio.Event | None = None) -> None:
+    """Run the given front ends (and a worker) on one service until SIGINT/SIGTERM or ``stop``."""
+    from backend.batching import ProjectionBatcher
+    from backend.model_cache import ModelCache
+    from backend.service import ToonService
+    from backend.worker import WorkerState, make_workers, stop_workers
+
+    settings = Settings.from_env()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    service = await ToonService.open(settings)
+    state, workers, tasks = None, [], []
+    try:
+        if with_worker:
+            import torch
+
+            device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            state = WorkerState(rt=service.rt, models=ModelCache(device), batcher=ProjectionBatcher())
+            await state.start()
+            workers = make_workers(state)
+            tasks += [asyncio.create_task(w.async_run()) for w in workers]
+        tokens = _tokens(front_ends)
+        for name in front_ends:
+            if name in tokens:
+                tasks.append(asyncio.create_task(_run_front_end(name, service, tokens[name], stop), name=name))
+            else:
+                log.warning("%s_TOKEN is not set: the %s bot does not start", name.upper(), name)
+        print(
+            f"toonify: serving ({', '.join(sorted(tokens)) or 'no bots'}{', worker' if with_worker else ''}); "
+            f"Redis {service.rt.redis.url}, database {settings.database_url}",
+            file=sys.stderr,
+        )
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not waiter and t.exception() is not None:
+                raise t.exception()
+    finally:
+        stop.set()
+        await stop_workers(workers, tasks)
+        if state is not None:
+            await state.stop()
+        await service.close()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    asyncio.run(serve(FRONT_ENDS, with_worker=not args.no_worker))
+    return 0
+
+
+def cmd_bot(args: argparse.Namespace) -> int:
+    if not _tokens((args.platform,)):
+        raise ValueError(f"set {args.platform.upper()}_TOKEN first (see the README: 'Running the bots')")
+    asyncio.run(serve((args.platform,), with_worker=args.with_worker))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from backend.cli import build_parser as backend_parser
+
+    p = backend_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    s = sub.add_parser("up", help="everything in one process: embedded defaults, a worker, the bots with tokens")
+    s.add_argument("--no-worker", action="store_true", help="workers run elsewhere")
+    s.set_defaults(func=cmd_up)
+    s = sub.add_parser("bot", help="run one front end (workers run elsewhere unless --with-worker)")
+    s.add_argument("platform", choices=FRONT_ENDS)
+    s.add_argument("--with-worker", action="store_true")
+    s.set_defaults(func=cmd_bot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gan.cli import run
+
+    args = sys.argv[1:] if argv is None else argv
+    serving = bool(args) and args[0] in ("up", "bot", "worker")  # long-running: say what happens
+    level = os.environ.get("TOONIFY_LOG_LEVEL") or ("INFO" if serving else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(build_parser(), argv)
