@@ -442,7 +442,8 @@ class FakeTelegram:
 
     def add_file(self, data: bytes, *, file_path: str | None = None) -> str:
         """Store bytes as a Telegram file and return its file_id (``file_path`` defaults to ``photos/file_N.jpg``)."""
-        return self._store_file(data, file_path or "photos/file_{n}.jpg").file_id
+        pattern = file_path.replace("{", "{{").replace("}", "}}") if file_path else "photos/file_{n}.jpg"
+        return self._store_file(data, pattern).file_id
 
     def file_bytes(self, file_id: str) -> bytes:
         return self._files[file_id].data
@@ -925,12 +926,14 @@ class FakeTelegram:
         msg.poll = {
             "id": f"poll{chat_id}_{msg.message_id}",
             "question": str(question),
-            "options": [{"text": t, "voter_count": 0} for t in texts],
+            "options": [{"text": t, "voter_count": 0, "persistent_id": str(i)} for i, t in enumerate(texts)],
             "total_voter_count": 0,
             "is_closed": bool(params.get("is_closed", False)),
             "is_anonymous": bool(params.get("is_anonymous", True)),
             "type": params.get("type") or "regular",
             "allows_multiple_answers": bool(params.get("allows_multiple_answers", False)),
+            "allows_revoting": bool(params.get("allows_revoting", True)),  # required by Bot API 9.6 / PTB 22.8
+            "members_only": bool(params.get("members_only", False)),  # required by Bot API 10.0
         }
         msg.reply_markup = self._check_markup(params.get("reply_markup"))
         return msg.to_api(self._chats[chat_id])
