@@ -73,7 +73,11 @@ class ProjectionBatcher:
         self._toonifiers[key] = toonifier
         self._pending.setdefault(key, []).append(req)
         self._wake.set()
-        return await req.future
+        try:
+            return await req.future
+        except asyncio.CancelledError:  # the job was aborted or timed out: leave the pass at the next step
+            req.cancelled.set()
+            raise
 
     async def close(self) -> None:
         if self._runner is not None:

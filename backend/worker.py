@@ -231,7 +231,8 @@ async def _run(w: WorkerState, job_id: str, job_try: int, body) -> str:
         await ledger.finish(rt, job, JobStatus.FAILED, error=str(e))
         return JobStatus.FAILED.value
     except asyncio.CancelledError:  # arq abort or job timeout: the row must not stay "running"
-        status = JobStatus.CANCELLED if w.cancel_event(job.id).is_set() else JobStatus.FAILED
+        asked = await asyncio.shield(ledger.cancel_requested(rt, job.id))  # else arq's job timeout fired
+        status = JobStatus.CANCELLED if asked else JobStatus.FAILED
         error = "cancelled" if status == JobStatus.CANCELLED else "stopped: it ran past the job timeout"
         await asyncio.shield(ledger.finish(rt, job, status, error=error))
         raise

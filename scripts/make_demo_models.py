@@ -48,13 +48,22 @@ BASE_TRAIN = TrainConfig(
     batch=16, g_lr=0.0025, d_lr=0.0025, r1_gamma=0.05, ema_kimg=5.0, ema_rampup=0.05, xflip=True, seed=1
 )
 TOON_TRAIN = TrainConfig(
-    batch=16, g_lr=0.002, d_lr=0.002, r1_gamma=0.05, ema_kimg=1.0, ema_rampup=None, xflip=True, seed=2,
-    diffaugment="color,translation,cutout", freeze_d=2,
-)  # fmt: skip
+    batch=16,
+    g_lr=0.002,
+    d_lr=0.002,
+    r1_gamma=0.05,
+    ema_kimg=1.0,
+    ema_rampup=None,
+    xflip=True,
+    seed=2,
+    diffaugment="color,translation,cutout",
+    freeze_d=2,
+)
 PHOTO_DATA = {"domain": "photo", "n": 6000, "size": RESOLUTION, "seed": 1000}
 TOON_DATA = {"domain": "toon", "n": 300, "size": RESOLUTION, "seed": 2000}  # other people than the photos
-STEPS_BASE, STEPS_TOON, STEPS_ENCODER = 4000, 400, 600
+STEPS_BASE, STEPS_TOON, STEPS_ENCODER = 4000, 400, 8000
 ENCODER_SEED = 0
+ENCODER_WIDTH = {"channels": 16, "max_channels": 128}  # 2.1 M parameters, 8 MB: "a few MB", and enough
 DEMO_BLEND = {"mode": "swap", "resolution": 16, "structure_from": "toon"}  # 4-16 px from the toon model
 PREVIEW_SEEDS = list(range(16))
 QUICK = {"steps_base": 30, "steps_toon": 10, "n_photo": 256, "n_toon": 64}
@@ -123,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--preview-every", type=int, default=500, help="steps between progress grids (0: off)")
     ap.add_argument("--snapshot-every", type=int, default=500, help="steps between snapshots (0: off)")
+    ap.add_argument("--encoder-only", action="store_true", help="retrain only the encoder of the models in --out")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.encoder_only:
+        out = Path(args.out or ROOT / "gan" / "demo_models")
+        return retrain_encoder(out, args.steps_encoder or STEPS_ENCODER, argv)
     steps_base = args.steps_base or (QUICK["steps_base"] if args.quick else STEPS_BASE)
     steps_toon = args.steps_toon or (QUICK["steps_toon"] if args.quick else STEPS_TOON)
     steps_encoder = args.steps_encoder or (20 if args.quick else STEPS_ENCODER)
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Encoder for the base model (self-supervised on its own samples).
     t = time.perf_counter()
-    encoder = train_encoder(base, steps=steps_encoder, batch_size=8, seed=ENCODER_SEED)
+    encoder = train_encoder(base, steps=steps_encoder, batch_size=8, seed=ENCODER_SEED, **ENCODER_WIDTH)
     encoder_path = save_encoder(encoder, out / "encoder.safetensors", base)
     timings["encoder_train_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -228,6 +241,34 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in timings.items():
         print(f"{k}: {v:.3f}", flush=True)
     print(f"wrote {base_path}, {toon_path}, {out / 'manifest.json'}, previews in {previews}", flush=True)
+    return 0
+
+
+def retrain_encoder(out: Path, steps: int, argv: list[str] | None) -> int:
+    """Train a new encoder for the base model in ``out`` and record it in its manifest (base and toon untouched)."""
+    from gan.checkpoints import load_generator
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    base = load_generator(out / manifest["base"])
+    t = time.perf_counter()
+    every = max(1, steps // 20)
+    encoder = train_encoder(
+        base,
+        steps=steps,
+        batch_size=8,
+        seed=ENCODER_SEED,
+        **ENCODER_WIDTH,
+        progress=lambda i, n, loss: i % every == 0 and print(f"encoder {i}/{n} loss {loss:.4f}"),
+    )
+    path = save_encoder(encoder, out / manifest["encoder"], base)
+    manifest["timings"]["encoder_train_s"] = round(time.perf_counter() - t, 3)
+    manifest["files"][path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    manifest["encoder_command"] = "python scripts/make_demo_models.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    manifest["models"]["encoder"] = {"file": path.name, "steps": steps, "seed": ENCODER_SEED, **ENCODER_WIDTH}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path} and {out / 'manifest.json'}", flush=True)
     return 0
 
 

@@ -273,3 +273,30 @@ async def test_selfies_expire_and_style_preferences_stick(service):
     info = await service.set_style(actor(1), GUILD, "demo")
     assert info.name == "demo"
     assert [st.name for st in await service.list_styles(GUILD)] == ["demo"]
+
+
+@pytest.mark.asyncio
+async def test_transient_errors_are_retried_and_timeouts_reported(tmp_path, redis_url, redis, monkeypatch):  # noqa: F811
+    svc = await ToonService.open(make_settings(tmp_path, redis_url, TOONIFY_JOB_TIMEOUT_S="3"))
+    try:
+        real_read, failures = svc.rt.blobs.read, []
+
+        def flaky_read(sha: str) -> bytes:  # the disk hiccups once
+            if not failures:
+                failures.append(sha)
+                raise OSError("I/O error (injected)")
+            return real_read(sha)
+
+        monkeypatch.setattr(svc.rt.blobs, "read", flaky_read)
+        async with running_worker(svc):
+            ticket = await svc.submit_toon(actor(1), GUILD, astronaut(), mode="fast")
+            events = await events_until_done(svc, ticket.job_id)
+            assert events[-1].status == "done", events[-1]
+            async with svc.rt.sessions() as s:
+                assert (await s.get(Job, ticket.job_id)).attempts == 2
+
+            slow = await svc.submit_toon(actor(2), GUILD, astronaut(), mode="quality")  # 300 steps > 3 s here
+            events = await events_until_done(svc, slow.job_id)
+        assert events[-1].status == "failed" and "timeout" in events[-1].error, events[-1]
+    finally:
+        await svc.close()
