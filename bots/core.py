@@ -188,7 +188,8 @@ class CommandCore:
         ticket = await self.service.submit_toon(
             cmd.actor, cmd.place, data, style=style, blend=blend, mode=mode or "balanced"
         )
-        await self.follow(ticket.job_id, conv, cmd.locale, note=t("already", cmd.locale) if ticket.duplicate else None)
+        note = t("already", cmd.locale) if ticket.duplicate else None
+        await self.follow(ticket.job_id, conv, cmd.locale, note=note, redeliver=ticket.duplicate)
 
     async def _download(self, cmd: Command, conv: Conversation) -> bytes | None:
         up = cmd.upload
@@ -216,7 +217,7 @@ class CommandCore:
         self, actor: Actor, place: Place | None, level: int, conv: Conversation, locale: str, style: str | None = None
     ) -> None:
         ticket = await self.service.reblend(actor, place, level, style=style)
-        await self.follow(ticket.job_id, conv, locale)
+        await self.follow(ticket.job_id, conv, locale, redeliver=ticket.duplicate)
 
     async def _style(self, cmd: Command, conv: Conversation) -> None:
         name = cmd.options.get("name") or (cmd.args[0] if cmd.args else None)
@@ -302,8 +303,13 @@ class CommandCore:
 
     # ------------------------------------------------------------------------------------------ progress
 
-    async def follow(self, job_id: str, conv: Conversation, locale: str, note: str | None = None) -> None:
-        """One message edited with progress until the job ends, then the result (sent once) or the error."""
+    async def follow(
+        self, job_id: str, conv: Conversation, locale: str, note: str | None = None, *, redeliver: bool = False
+    ) -> None:
+        """One message edited with progress until the job ends, then the result or the error.
+
+        The result is sent once per request: several processes following one job claim the delivery, and
+        only the winner sends. ``redeliver`` (the person asked for the same thing again) sends it regardless."""
         cancel = [[Button(t("button_cancel", locale), f"c:{job_id}")]]
         first = Reply((note + "\n" if note else "") + t("starting", locale), buttons=cancel)
         handle = await conv.send(first)
@@ -333,7 +339,8 @@ class CommandCore:
             await self._safe_edit(conv, handle, Reply(text))
             return
         await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))
-        if not await self.service.claim_delivery(job_id):
+        claimed = await self.service.claim_delivery(job_id)
+        if not claimed and not redeliver:
             return  # another front end process already delivered it
         await self._deliver(job_id, final.result or {}, conv, handle, locale)
 
@@ -357,6 +364,7 @@ class CommandCore:
         images = [("toon.png", out.composite)] + [(f"face{i + 1}.png", c) for i, c in enumerate(out.crops)]
         buttons = [[Button(t("button_blend", locale, level=lv), f"b:{lv}") for lv in BLEND_BUTTONS if lv != blend]]
         await conv.send(Reply(text, images=images, buttons=buttons))
+        await self._safe_edit(conv, handle, Reply(t("delivered", locale)))  # the progress message is finished
 
     @staticmethod
     async def _safe_edit(conv: Conversation, handle: Any, reply: Reply) -> None:

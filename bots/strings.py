@@ -28,6 +28,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "done": "Here you are ({style}, blend {blend}). Try another blend below.",
         "done_faces": "Here you are: {faces} faces ({style}, blend {blend}).",
         "too_small_note": " {n} face(s) were too small to use.",
+        "delivered": "Done.",
         "failed": "Sorry, that didn't work: {error}",
         "cancelled": "Cancelled.",
         "cancel_none": "You have nothing running.",

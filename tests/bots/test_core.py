@@ -96,9 +96,16 @@ async def test_toon_progress_then_result_then_reblend_button(core):
         actions = [b.action for row in result.buttons for b in row]
         assert "b:8" in actions and "b:32" not in actions
 
+        assert progress[-1].text == "Done."
+
         again = Recorder()
         await core.press("b:8", ALICE, GUILD, again)
-        assert "blend 8" in again.last.text and again.last.images
+        assert "blend 8" in again.messages[-1][0].text and again.messages[-1][0].images
+
+        same = Recorder()  # the same photo and options again: the same job, and the picture once more
+        await core.run(cmd("/toon 32", ALICE, astronaut()), same)
+        assert "already sent this one" in same.messages[0][0].text
+        assert same.messages[1][0].images
 
 
 @pytest.mark.asyncio

@@ -355,10 +355,8 @@ class FakeMessage:
         if self.interaction_metadata is not None:
             meta = self.interaction_metadata
             payload["interaction_metadata"] = meta
-            legacy = {"id": meta["id"], "type": meta["type"], "user": meta["user"]}
-            if "name" in meta:
-                legacy["name"] = meta["name"]
-            payload["interaction"] = legacy
+            if "name" in meta:  # the deprecated ``interaction`` field exists for application commands only
+                payload["interaction"] = {k: meta[k] for k in ("id", "type", "name", "user")}
         if self.message_reference is not None:
             payload["message_reference"] = self.message_reference
         if self.poll is not None:
@@ -712,7 +710,7 @@ class FakeDiscord:
 
     async def wait_for(self, predicate: Callable[..., Any], timeout: float = 30.0) -> Any:
         """Wait until ``predicate()`` (or ``predicate(fake)``) is truthy, re-checking after every request and
-        gateway frame; return its value. Raises TimeoutError listing the last calls."""
+        gateway frame and every 50 ms; return its value. Raises TimeoutError listing the last calls."""
         wants_arg = len(inspect.signature(predicate).parameters) >= 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -724,9 +722,10 @@ class FakeDiscord:
             if remaining <= 0:
                 recent = "\n".join(f"  {c.status} {c.method} {c.path}" for c in self.calls[-15:])
                 raise TimeoutError(f"condition not met within {timeout}s; last calls:\n{recent}")
+            # Wake on any request/frame, and poll too: the predicate may look at the bot's own state.
             changed = self._changed
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+                await asyncio.wait_for(changed.wait(), min(remaining, 0.05))
 
     def _notify(self) -> None:
         self._changed.set()
@@ -1014,17 +1013,17 @@ class FakeDiscord:
             **kw,
         )
 
-    def _as_attachment(self, value: Any, channel_id: str) -> dict:
+    def _as_attachment(self, value: Any, channel_id: str, ephemeral: bool = True) -> FakeAttachment:
         if isinstance(value, FakeAttachment):
-            return value.to_payload()
+            return value
         if isinstance(value, Mapping):
-            return dict(value)
+            return self._blobs[str(value["id"])]
         if isinstance(value, bytes | bytearray):
-            return self._store_attachment(bytes(value), "image.png", None, channel_id, True, None).to_payload()
+            value = (bytes(value), "image.png")
         if isinstance(value, tuple):
             data, filename, *rest = value
             content_type = rest[0] if rest else None
-            return self._store_attachment(data, filename, content_type, channel_id, True, None).to_payload()
+            return self._store_attachment(data, filename, content_type, channel_id, ephemeral, None)
         raise TypeError(f"cannot make an attachment from {type(value).__name__}")
 
     async def slash_command(
@@ -1098,8 +1097,8 @@ class FakeDiscord:
                     value = value["id"]
                 elif opt_type == 11:
                     att = self._as_attachment(value, channel_id)
-                    resolved.setdefault("attachments", {})[att["id"]] = att
-                    value = att["id"]
+                    resolved.setdefault("attachments", {})[att.id] = att.to_payload()
+                    value = att.id
                 choices = spec.get("choices")
                 if choices and value not in [c["value"] for c in choices]:
                     raise ValueError(f"{value!r} is not a choice of option {opt_name!r}")
@@ -1108,8 +1107,8 @@ class FakeDiscord:
             if schema and opt_name not in schema:
                 raise ValueError(f"/{command['name']} has no option {opt_name!r}; it has {sorted(schema)}")
             att = self._as_attachment(value, channel_id)
-            resolved.setdefault("attachments", {})[att["id"]] = att
-            opts.append({"name": opt_name, "type": 11, "value": att["id"]})
+            resolved.setdefault("attachments", {})[att.id] = att.to_payload()
+            opts.append({"name": opt_name, "type": 11, "value": att.id})
         if not any(o.get("type") in (1, 2) for o in opts):
             given = {o["name"] for o in opts}
             missing = [n for n, o in schema.items() if o.get("required") and n not in given]
@@ -1169,7 +1168,10 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload
 
-    async def select(self, message: FakeMessage | Mapping | str, custom_id: str, values: list[str], **kw: Any) -> dict:
+    async def select(
+        self, message: FakeMessage | Mapping | str | int, custom_id: str, values: list[str], **kw: Any
+    ) -> dict:
+        """Choose ``values`` in the select menu ``custom_id`` (a type-3 interaction); see :meth:`press_button`."""
         return await self.press_button(message, custom_id, values=values, **kw)
 
     async def submit_modal(
@@ -1246,9 +1248,7 @@ class FakeDiscord:
             via="user",
             content=content,
         )
-        for value in attachments:
-            att = self._as_attachment(value, channel["id"])
-            msg.attachments.append(self._blobs[att["id"]])
+        msg.attachments = [self._as_attachment(value, channel["id"], ephemeral=False) for value in attachments]
         self._messages[msg.id] = msg
         if not self._open_sessions():
             await self.wait_until_connected()
@@ -1553,13 +1553,11 @@ class FakeDiscord:
         if not isinstance(listed, list):
             raise _form_error("attachments", "LIST_TYPE_CONVERT", "Only iterables may be used in a ListType")
         result = []
-        used: set[int] = set()
         for entry in listed:
             aid = str(entry.get("id")) if isinstance(entry, dict) else ""
             if aid in existing:
                 result.append(existing[aid])
             elif aid.isdigit() and int(aid) in by_index:
-                used.add(int(aid))
                 result.append(new(by_index[int(aid)], entry.get("filename"), entry.get("description")))
             else:
                 raise _form_error("attachments", "ATTACHMENT_NOT_FOUND", f"Unknown attachment {aid!r}")
@@ -1635,7 +1633,7 @@ class FakeDiscord:
             INTERACTION_MESSAGE_COMPONENT: {4, 5, 6, 7, 9},
             INTERACTION_AUTOCOMPLETE: {8},
             INTERACTION_MODAL_SUBMIT: {4, 5, 6, 7} if is_component else {4, 5},
-        }[it.type]
+        }.get(it.type, set())
         if rtype not in allowed:
             raise _form_error("type", "INTERACTION_RESPONSE_TYPE_INVALID", f"Callback type {rtype} not allowed here")
         message: FakeMessage | None = None
