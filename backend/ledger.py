@@ -6,18 +6,20 @@ transition is a conditional UPDATE, so two deliveries of one job, or a worker ra
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from arq.connections import ArqRedis
 
-from backend.db.models import Job, JobStatus, utcnow
+from backend.db.models import Blob, BlobKind, Job, JobKind, JobStatus, utcnow
 from backend.progress import ProgressEvent, publish
-from backend.runtime import Runtime
+from backend.runtime import QUEUE_NAMES, Runtime
 
 TERMINAL = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 CANCEL_CHANNEL = "toonify:cancel"
+STATS_KEY = "toonify:stats:toon_seconds"  # EWMA of toon job run time, for queue wait estimates
 
 
 def cancel_key(job_id: str) -> str:
@@ -92,3 +94,30 @@ async def cancel_requested(rt: Runtime, job_id: str) -> bool:
 
 def age_s(t: datetime | None) -> float:
     return 0.0 if t is None else (utcnow() - t).total_seconds()
+
+
+async def enqueue(pool: ArqRedis, job: Job) -> None:
+    queue = "finetune" if job.kind == JobKind.FINETUNE else "toon"
+    await pool.enqueue_job(queue, job.id, _job_id=job.id, _queue_name=QUEUE_NAMES[queue])
+
+
+async def record_blob(
+    rt: Runtime, user_id: int | None, sha: str, size: int, media_type: str, kind: BlobKind, retention_s: int | None
+) -> int:
+    """Insert (or refresh the expiry of) ``user_id``'s claim on blob ``sha``; returns the row id."""
+    expires = None if retention_s is None else utcnow() + timedelta(seconds=retention_s)
+    async with rt.sessions() as s:
+        row = await s.scalar(sa.select(Blob).where(Blob.owner_user_id == user_id, Blob.sha256 == sha))
+        if row is None:
+            row = Blob(
+                sha256=sha, owner_user_id=user_id, size=size, media_type=media_type, kind=kind, expires_at=expires
+            )
+            s.add(row)
+        else:
+            row.expires_at = expires
+        try:
+            await s.commit()
+        except sa.exc.IntegrityError:  # a concurrent insert of the same claim won: use it
+            await s.rollback()
+            row = await s.scalar(sa.select(Blob).where(Blob.owner_user_id == user_id, Blob.sha256 == sha))
+        return row.id

@@ -50,10 +50,10 @@ from backend.db.models import (
     utcnow,
 )
 from backend.errors import BadInputError, ConflictError, NotAllowedError, NotFoundError, ServiceError
+from backend.ledger import STATS_KEY, enqueue, record_blob
 from backend.progress import ProgressEvent, latest, publish, watch
 from backend.quotas import QuotaExceededError
 from backend.runtime import QUEUE_NAMES, Runtime, open_runtime
-from backend.worker import STATS_KEY, enqueue, record_blob
 from gan.blending import BlendError, BlendSpec
 from gan.imageio import BadImageError, decode_image
 

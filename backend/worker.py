@@ -32,7 +32,6 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 from arq import Retry
-from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.worker import Worker, func
 from PIL import Image
@@ -44,6 +43,7 @@ from backend.batching import ProjectionBatcher
 from backend.config import Settings
 from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
 from backend.errors import BadInputError, JobCancelledError
+from backend.ledger import STATS_KEY, enqueue, record_blob
 from backend.model_cache import BaseModels, ModelCache, base_models_from_manifest
 from backend.progress import ProgressEvent, publish
 from backend.redis import redis_settings
@@ -57,7 +57,6 @@ from gan.projection import ProjectionCancelledError
 log = logging.getLogger("toonify.worker")
 MAX_TRIES = 3
 PROGRESS_EVERY_S = 0.25  # progress events per job at most this often (the last step always goes out)
-STATS_KEY = "toonify:stats:toon_seconds"  # EWMA of toon job run time, for queue wait estimates
 
 
 def heartbeat_key(worker_id: str) -> str:
@@ -182,11 +181,6 @@ async def reconcile(rt: Runtime) -> dict[str, int]:
             await enqueue(pool, job)
             counts["reenqueued"] += 1
     return counts
-
-
-async def enqueue(pool: ArqRedis, job: Job) -> None:
-    queue = "finetune" if job.kind == JobKind.FINETUNE else "toon"
-    await pool.enqueue_job(queue, job.id, _job_id=job.id, _queue_name=QUEUE_NAMES[queue])
 
 
 # ------------------------------------------------------------------------------------------------ toon job
@@ -417,28 +411,6 @@ async def _store_result(rt: Runtime, user_id: int, data: bytes, retention_s: int
     sha = await asyncio.to_thread(rt.blobs.put, data)
     await record_blob(rt, user_id, sha, len(data), "image/png", BlobKind.RESULT, retention_s)
     return sha
-
-
-async def record_blob(
-    rt: Runtime, user_id: int | None, sha: str, size: int, media_type: str, kind: BlobKind, retention_s: int | None
-) -> int:
-    """Insert (or refresh the expiry of) ``user_id``'s claim on blob ``sha``; returns the row id."""
-    expires = None if retention_s is None else utcnow() + timedelta(seconds=retention_s)
-    async with rt.sessions() as s:
-        row = await s.scalar(sa.select(Blob).where(Blob.owner_user_id == user_id, Blob.sha256 == sha))
-        if row is None:
-            row = Blob(
-                sha256=sha, owner_user_id=user_id, size=size, media_type=media_type, kind=kind, expires_at=expires
-            )
-            s.add(row)
-        else:
-            row.expires_at = expires
-        try:
-            await s.commit()
-        except sa.exc.IntegrityError:  # a concurrent insert of the same claim won: use it
-            await s.rollback()
-            row = await s.scalar(sa.select(Blob).where(Blob.owner_user_id == user_id, Blob.sha256 == sha))
-        return row.id
 
 
 async def _cached_latents(

@@ -31,10 +31,10 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from gan.checkpoints.common import content_hash
-from gan.networks import Generator
+if TYPE_CHECKING:  # BlendSpec is used by torch-free processes (the bots): import torch only to blend
+    from gan.networks import Generator
 
 Mode = Literal["swap", "smooth", "weights"]
 Source = Literal["toon", "base"]
@@ -171,6 +171,8 @@ class BlendSpec:
 
 
 def _lineage(G: Generator) -> tuple[str, set[str]]:
+    from gan.checkpoints.common import content_hash
+
     meta = getattr(G, "meta", None) or {}
     return meta.get("content_hash") or content_hash(G.state_dict()), set(meta.get("ancestors") or ())
 
