@@ -45,6 +45,11 @@ def add_backend_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("stats", help="job counts by status, queue lengths, users")
     s.set_defaults(func=cmd_stats)
 
+    s = sub.add_parser("health", help="check Redis, the database (and a worker, the models): exit 0 when healthy")
+    s.add_argument("--worker", action="store_true", help="also require a live worker heartbeat")
+    s.add_argument("--models", action="store_true", help="also load the models")
+    s.set_defaults(func=cmd_health)
+
 
 def cmd_db(args: argparse.Namespace) -> int:
     from backend.db import current_revision, downgrade, upgrade
@@ -173,6 +178,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from backend.health import run_checks
+
+    checks = run_checks(Settings.from_env(), worker=args.worker, models=args.models)
+    for c in checks:
+        print(c.line())
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

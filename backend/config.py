@@ -48,6 +48,7 @@ class Settings:
     finetune_max_jobs: int = 1
     models_dir: Path | None = None  # None: the models bundled with the package
     worker_heartbeat_ttl_s: int = 10  # a worker silent this long is dead: its running jobs go back to the queue
+    metrics_port: int | None = None  # Prometheus /metrics on this port (workers and bots); None: off
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -86,6 +87,7 @@ class Settings:
             finetune_max_jobs=_get(env, "TOONIFY_FINETUNE_MAX_JOBS", _positive_int, 1),
             models_dir=Path(models_dir).expanduser().absolute() if models_dir else None,
             worker_heartbeat_ttl_s=_get(env, "TOONIFY_WORKER_HEARTBEAT_TTL_S", _positive_int, 10),
+            metrics_port=_get(env, "TOONIFY_METRICS_PORT", _port, None),
         )
 
 
@@ -108,6 +110,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (0 picks a free one)")
     return value
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from arq.connections import ArqRedis
 
+from backend import metrics
 from backend.db.models import Blob, BlobKind, Job, JobKind, JobStatus, utcnow
 from backend.progress import ProgressEvent, publish
 from backend.runtime import QUEUE_NAMES, Runtime
@@ -41,7 +42,11 @@ async def claim(rt: Runtime, job_id: str, worker_id: str) -> Job | None:
         await s.commit()
         if res.rowcount != 1:
             return None
-        return await s.get(Job, job_id)
+        job = await s.get(Job, job_id)
+    metrics.JOB_WAIT_SECONDS.labels(kind=job.kind.value, mode=job.params.get("mode", "-")).observe(
+        age_s(job.created_at)
+    )
+    return job
 
 
 async def finish(
@@ -63,11 +68,23 @@ async def finish(
         await s.commit()
     won = res.rowcount == 1
     if won:
+        _observe(job, status, error)
         await rt.quotas.release(quota_user_key(job), job.id)
         await publish(
             rt.pool, ProgressEvent(job_id=job.id, status=status.value, stage=status.value, result=result, error=error)
         )
     return won
+
+
+def _observe(job: Job, status: JobStatus, error: str | None) -> None:
+    kind, mode = job.kind.value, job.params.get("mode", "-")
+    metrics.JOBS_FINISHED.labels(kind=kind, status=status.value).inc()
+    if job.started_at is not None and job.status == JobStatus.RUNNING:
+        seconds = age_s(job.started_at)
+        metrics.JOB_SECONDS.labels(kind=kind, mode=mode, status=status.value).observe(seconds)
+        metrics.GPU_SECONDS.labels(community=str(job.community_id or "private")).inc(seconds)
+    if status == JobStatus.FAILED:
+        metrics.JOB_FAILURES.labels(reason=metrics.failure_reason(error)).inc()
 
 
 async def requeue(rt: Runtime, job: Job, *, error: str | None = None) -> None:

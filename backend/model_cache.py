@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from backend import metrics
 from gan.align import FaceAligner
 from gan.checkpoints import CheckpointError, load_discriminator, load_generator
 from gan.encoder import load_encoder
@@ -64,7 +65,9 @@ class ModelCache:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
+                metrics.MODEL_CACHE.labels(result="hit").inc()
                 return self._entries[key][0]
+        metrics.MODEL_CACHE.labels(result="miss").inc()
         value, size = load()
         with self._lock:
             self.loads += 1

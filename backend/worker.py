@@ -38,12 +38,13 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from backend import ledger
+from backend import ledger, metrics
 from backend.batching import ProjectionBatcher
 from backend.config import Settings
 from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
 from backend.errors import BadInputError, JobCancelledError
 from backend.ledger import STATS_KEY, enqueue, record_blob
+from backend.logs import JOB_ID
 from backend.model_cache import BaseModels, ModelCache, base_models_from_manifest
 from backend.progress import ProgressEvent, publish
 from backend.redis import redis_settings
@@ -201,6 +202,7 @@ async def finetune_job(ctx: dict, job_id: str) -> str:
 
 
 async def _run(w: WorkerState, job_id: str, job_try: int, body) -> str:
+    JOB_ID.set(job_id)  # every log line of this job (its task, its threads) carries the id
     rt = w.rt
     job = await ledger.claim(rt, job_id, w.worker_id)
     if job is None:  # finished, cancelled before it started, taken by another delivery, or gone
@@ -489,8 +491,10 @@ async def run_worker(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     await state.start()
+    metrics.serve(settings.metrics_port)
     workers = make_workers(state, queues)
     tasks = [asyncio.create_task(wk.async_run()) for wk in workers]
+    tasks.append(asyncio.create_task(metrics.watch_queues(rt.pool, QUEUE_NAMES)))
     log.info("worker %s serving %s", state.worker_id, ", ".join(queues))
     try:
         waiter = asyncio.create_task(stop.wait())

@@ -17,6 +17,7 @@ import signal
 import sys
 
 from backend.config import Settings
+from backend.logs import configure_logging
 
 FRONT_ENDS = ("telegram", "discord")
 log = logging.getLogger("toonify")
@@ -39,8 +40,10 @@ async def _run_front_end(name: str, service, token: str, stop: asyncio.Event) ->
 
 async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio.Event | None = None) -> None:
     """Run the given front ends (and a worker) on one service until SIGINT/SIGTERM or ``stop``."""
+    from backend import metrics
     from backend.batching import ProjectionBatcher
     from backend.model_cache import ModelCache
+    from backend.runtime import QUEUE_NAMES
     from backend.service import ToonService
     from backend.worker import WorkerState, make_workers, stop_workers
 
@@ -51,6 +54,7 @@ async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     service = await ToonService.open(settings)
+    metrics.serve(settings.metrics_port)
     state, workers, tasks = None, [], []
     try:
         if with_worker:
@@ -61,6 +65,7 @@ async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio
             await state.start()
             workers = make_workers(state)
             tasks += [asyncio.create_task(w.async_run()) for w in workers]
+            tasks.append(asyncio.create_task(metrics.watch_queues(service.rt.pool, QUEUE_NAMES)))
         tokens = _tokens(front_ends)
         for name in front_ends:
             if name in tokens:
@@ -118,5 +123,5 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     serving = bool(args) and args[0] in ("up", "bot", "worker")  # long-running: say what happens
     level = os.environ.get("TOONIFY_LOG_LEVEL") or ("INFO" if serving else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, os.environ.get("TOONIFY_LOG_FORMAT", "text"))
     return run(build_parser(), argv)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from backend import metrics
 from backend.errors import ServiceError
 from backend.service import Actor, Place, PollInfo, ToonService
 from bots.strings import t
@@ -133,19 +134,23 @@ class CommandCore:
             "publish": self._publish,
             "poll": self._poll,
         }.get(cmd.name)
+        metrics.BOT_COMMANDS.labels(platform=cmd.actor.platform, command=cmd.name if handler else "unknown").inc()
         try:
             if handler is None:
                 await conv.send(Reply(t("unknown", cmd.locale), ephemeral=True))
                 return
             await handler(cmd, conv)
         except ServiceError as e:
+            metrics.BOT_ERRORS.labels(platform=cmd.actor.platform, kind=e.code).inc()
             await conv.send(Reply(str(e), ephemeral=True))
         except Exception:
+            metrics.BOT_ERRORS.labels(platform=cmd.actor.platform, kind="internal").inc()
             log.exception("command /%s failed", cmd.name)
             await conv.send(Reply(t("error", cmd.locale), ephemeral=True))
 
     async def press(self, action: str, actor: Actor, place: Place | None, conv: Conversation, locale: str = "en"):
         kind, _, rest = action.partition(":")
+        metrics.BOT_COMMANDS.labels(platform=actor.platform, command=f"button:{kind}").inc()
         try:
             if kind == "b":
                 await self._reblend(actor, place, int(rest), conv, locale)
