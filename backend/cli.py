@@ -190,15 +190,31 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gan.cli import build_parser as gan_parser
-
-    p = gan_parser()
+    try:
+        from gan.cli import build_parser as gan_parser
+    except ImportError:  # the bot image has no torch: the service and bot commands only
+        p = argparse.ArgumentParser(prog="toonify", description="Toonify service and bots (no model commands here)")
+        p.add_subparsers(dest="command", required=True)
+    else:
+        p = gan_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     add_backend_commands(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from gan.cli import run
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and dispatch; bad input ends with a one-line message and exit status 2."""
+    try:
+        from gan.cli import run as gan_run
+    except ImportError:
+        args = parser.parse_args(argv)
+        try:
+            return args.func(args)
+        except (ValueError, OSError) as e:
+            print(f"toonify: error: {e}", file=sys.stderr)
+            return 2
+    return gan_run(parser, argv)
 
+
+def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gan.cli import run
+    from backend.cli import run
 
     args = sys.argv[1:] if argv is None else argv
     serving = bool(args) and args[0] in ("up", "bot", "worker")  # long-running: say what happens
