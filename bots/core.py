@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from backend import metrics
 from backend.errors import ServiceError
 from backend.service import Actor, Place, PollInfo, ToonService
-from bots.strings import t
+from bots.strings import STRINGS, t
 
 log = logging.getLogger("toonify.bots")
 MODES = ("fast", "balanced", "quality")
@@ -173,7 +173,8 @@ class CommandCore:
     # ------------------------------------------------------------------------------------------ commands
 
     async def _help(self, cmd: Command, conv: Conversation) -> None:
-        await conv.send(Reply(t("help", cmd.locale)))
+        key = f"help_{cmd.actor.platform}"  # a platform that spells the commands differently (Discord: /blendvote)
+        await conv.send(Reply(t(key if key in STRINGS["en"] else "help", cmd.locale)))
 
     async def _toon(self, cmd: Command, conv: Conversation) -> None:
         if cmd.upload is None:

@@ -13,6 +13,15 @@ STRINGS: dict[str, dict[str, str]] = {
             "/cancel: stop your running job; /forget: delete everything of yours\n"
             "Admins: /finetune <name> (attach a .zip of images), /publish <name>, /poll close"
         ),
+        "help_discord": (
+            "Send a selfie with /toon and get yourself back as a toon.\n"
+            "/toon image [style] [blend] [mode]: attach a photo (mode: fast, balanced or quality)\n"
+            "/blend <4-256>: re-draw your last toon with another blend (small = more toon)\n"
+            "/blendvote [levels]: let this server vote on its favourite blend (admins)\n"
+            "/style <name>: your default style; /styles lists them\n"
+            "/cancel: stop your running job; /forget: delete everything of yours\n"
+            "Admins: /finetune <name> with a .zip of images, /publish <name>, /pollclose"
+        ),
         "need_photo": "Attach a photo to /toon (or reply /toon to a photo).",
         "too_big": "That file is {size} MB; the limit here is {limit} MB. Send a smaller photo.",
         "queued": "Queued. {ahead} ahead of you, about {eta} to go.",
