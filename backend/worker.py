@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -283,6 +284,14 @@ class _Progress:
 
 
 async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
+    release = w.batcher.announce()  # jobs started together meet in one projection pass
+    try:
+        return await _toon_stages(w, job, release)
+    finally:
+        release()
+
+
+async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) -> dict[str, Any]:
     rt, p = w.rt, job.params
     progress = w.progress[job.id] = _Progress(rt, job.id)
     async with rt.sessions() as s:
@@ -297,7 +306,7 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
     toon_path = Path(style.checkpoint_path)
     if not toon_path.is_absolute():
         toon_path = rt.settings.data_dir / toon_path
-    tf = await asyncio.to_thread(w.models.toonifier, w.base_models, toon_path)
+    tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
     data = await asyncio.to_thread(rt.blobs.read, blob.sha256)
 
     progress("align", 0, 1, "finding faces")
@@ -316,7 +325,8 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
     if latents is None:
         from gan.pipeline import to_tensor
 
-        crops = to_tensor([a.image for a in aligned], "cpu")
+        crops = await w.batcher.call(to_tensor, [a.image for a in aligned], "cpu")
+        release()
         try:
             latents = await w.batcher.project(
                 tf,
@@ -333,10 +343,10 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
 
     progress("render", 0, 1, "drawing the toon")
     spec = BlendSpec.from_json(p.get("spec") or style.default_blend or {"mode": "swap", "resolution": 32})
-    toon_crops = await asyncio.to_thread(tf.render, latents, spec)
+    toon_crops = await w.batcher.call(tf.render, latents, spec)
     await w.check_cancel(job.id)
     progress("paste", 0, 1, "pasting back")
-    composite = await asyncio.to_thread(tf.composite, image, aligned, toon_crops)
+    composite = await w.batcher.call(tf.composite, image, aligned, toon_crops)
     progress("upload", 0, 1, "saving")
     composite_sha = await _store_result(rt, job.user_id, _png(composite), rt.settings.result_retention_s)
     crop_shas = [await _store_result(rt, job.user_id, _png(c), rt.settings.result_retention_s) for c in toon_crops]
@@ -371,14 +381,18 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
     if style is None:
         raise BadInputError("this style no longer exists")
     toon_path = Path(style.checkpoint_path)
-    tf = await asyncio.to_thread(w.models.toonifier, w.base_models, toon_path)
-    with torch.no_grad():
-        z = z_from_seeds(list(PROBE_SEEDS), tf.base.z_dim).to(tf.device)
-        ws = tf.base.mapping(z, truncation_psi=0.7).unsqueeze(1).expand(-1, tf.base.num_ws, -1)
+    tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
+
+    def probe_ws() -> torch.Tensor:
+        with torch.no_grad():
+            z = z_from_seeds(list(PROBE_SEEDS), tf.base.z_dim).to(tf.device)
+            return tf.base.mapping(z, truncation_psi=0.7).unsqueeze(1).expand(-1, tf.base.num_ws, -1)
+
+    ws = await w.batcher.call(probe_ws)
     rows = []
     for i, spec_json in enumerate(p["specs"]):
         await w.check_cancel(job.id)
-        faces = await asyncio.to_thread(tf.render, ws, BlendSpec.from_json(spec_json))
+        faces = await w.batcher.call(tf.render, ws, BlendSpec.from_json(spec_json))
         r = faces[0].width
         row = Image.new("RGB", (r * len(faces) + r // 2, r), "white")
         for j, face in enumerate(faces):
@@ -470,7 +484,7 @@ def make_workers(
                 keep_result=60,
                 allow_abort_jobs=True,
                 handle_signals=False,
-                poll_delay=0.05,
+                poll_delay=0.25,  # seconds between queue polls: each poll costs the GIL a round trip
                 health_check_interval=30,
                 burst=burst,
             )

@@ -67,7 +67,7 @@ def quality(tf: Toonifier, n: int, modes: list[str], plain_steps: int) -> None:
     with torch.no_grad():
         z = torch.randn(n, G.z_dim, generator=g).to(tf.device)
         ws = G.mapping(z, truncation_psi=0.8).unsqueeze(1).expand(-1, G.num_ws, -1)
-        targets = G.synthesis(ws, noise_mode="random")
+        targets = G.synthesis(ws, noise=G.make_noise(n, generator=g))  # seeded: the same targets every run
     print(f"\n## Reconstruction of {n} held-out base-model images (loss: {getattr(tf.loss_fn, 'name', 'pixel')})")
     print(f"{'method':>22} {'steps':>5} {'PSNR dB':>8} {'loss':>8} {'seconds':>8}")
     rows = [(m, tf.modes[m].steps) for m in modes if not (m == "fast" and tf.encoder is None)]

@@ -39,7 +39,9 @@ DEFAULT_SPEC = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 # (measured on the demo models: 30 steps reach 26.1 dB with the reference recipe, 27.8 dB with this one).
 # Noise maps stay fixed (half the cost per step) and a pixel term pulls PSNR up alongside the perceptual loss;
 # lr and pixel weight were picked on held-out samples (bench/toonify.py measures the result).
-REFINE_RECIPE = ProjectionConfig(lr=0.02, lr_rampup=0.0, latent_noise=0.0, optimize_noise=False, mse_weight=10.0)
+REFINE_RECIPE = ProjectionConfig(
+    lr=0.02, lr_rampup=0.0, lr_rampdown=0.1, latent_noise=0.0, optimize_noise=False, mse_weight=10.0
+)
 
 
 @dataclass(frozen=True)
