@@ -1,68 +1,96 @@
 """The ``finetune`` job: a community's image set → a draft style fine-tuned from the base model.
 
-Resumable: the trainer snapshots under ``data_dir/finetune/<job id>/`` every ``snapshot_every`` steps, and a
-retried delivery of the job (a worker killed mid-run) continues from the last snapshot instead of step 0.
-Dataset reading here is the minimal safe path (a zip of images, each decoded with the pixel limit and
-centre-cropped); curated ingestion (alignment, de-duplication, reports) belongs to the fine-tune issue.
+The work is :mod:`gan.finetune`'s: safe ingestion of the uploaded zip (refusals come back to the admin as the
+ingest report), then a :class:`~gan.finetune.FinetuneRun` under ``data_dir/finetune/<job id>/``. Resumable: the
+run snapshots every ``snapshot_every`` steps, and a retried delivery of the job (a worker killed mid-run)
+continues from the last snapshot instead of step 0. Each snapshot is published as a progress event carrying its
+preview grid (a blob) and a one-line metrics summary; the job's result keeps the final metrics row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import zipfile
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
-from PIL import Image
 
-from backend.db.models import Blob, Dataset, Job, StyleModel, StyleStatus
+from backend.db.models import Blob, BlobKind, Dataset, Job, StyleModel, StyleStatus
 from backend.errors import BadInputError, JobCancelledError
 from backend.progress import ProgressEvent, publish
 
-MAX_DATASET_IMAGES = 2000
-MAX_MEMBER_BYTES = 20 << 20  # an image larger than this inside the zip is refused (zip-bomb guard)
-MAX_TOTAL_BYTES = 1 << 30
+BATCH = 8
+MIN_IMAGES = 8
+METRIC_SAMPLES = 128  # generated images for KID per snapshot
+IDENTITY_SAMPLES = 8  # latents rendered per swap resolution for the identity metric
 
 
-def read_dataset_zip(data: bytes, resolution: int) -> np.ndarray:
-    """uint8 [N, R, R, 3] from a zip of images; sizes are checked from the headers before anything inflates."""
-    from gan.imageio import BadImageError, decode_image
+def finetune_settings(params: dict[str, Any]):
+    """The job's recipe; ``steps`` and ``snapshot_every`` are counted in batches of ``BATCH`` images."""
+    from gan.finetune import FinetuneSettings
 
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as e:
-        raise BadInputError("the dataset is not a zip file") from e
-    members = [m for m in zf.infolist() if not m.is_dir() and not Path(m.filename).name.startswith(".")]
-    if len(members) > MAX_DATASET_IMAGES:
-        raise BadInputError(f"the dataset has {len(members)} files; at most {MAX_DATASET_IMAGES} are accepted")
-    if any(m.file_size > MAX_MEMBER_BYTES for m in members) or sum(m.file_size for m in members) > MAX_TOTAL_BYTES:
-        raise BadInputError("the dataset unpacks to more than the allowed size (20 MB per image, 1 GB in all)")
-    images = []
-    for m in members:
-        with zf.open(m) as f:
-            raw = f.read(MAX_MEMBER_BYTES + 1)
-        if len(raw) > MAX_MEMBER_BYTES:  # the header lied about the size
-            raise BadInputError(f"{m.filename} unpacks to more than 20 MB")
-        try:
-            im = decode_image(raw)
-        except BadImageError:
-            continue  # not an image (a README, say): skipped, counted below
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
-        images.append(np.asarray(im.convert("RGB")))
-    if len(images) < 8:
-        raise BadInputError(f"the dataset has {len(images)} usable images; at least 8 are needed")
-    return np.stack(images)
+    steps, every = int(params.get("steps", 400)), int(params.get("snapshot_every", 50))
+    return FinetuneSettings(
+        kimg=steps * BATCH / 1000,
+        snapshot_kimg=every * BATCH / 1000,
+        batch=BATCH,
+        freeze_d=2,
+        aug="ada",
+        seed=0,
+        metric_samples=METRIC_SAMPLES,
+        identity_samples=IDENTITY_SAMPLES,
+        preview_seeds=8,
+    )
+
+
+def snapshot_message(row: dict) -> str:
+    """One line for the admin: KID and the best identity-keeping swap resolution so far."""
+    kid = "n/a" if row.get("kid") is None else f"{row['kid']:.4f}"
+    ident = {k: v for k, v in (row.get("identity") or {}).items() if isinstance(v, dict) and v.get("distance")}
+    swaps = {k: v for k, v in ident.items() if k != "toon"}
+    best = min(swaps.items(), key=lambda kv: kv[1]["distance"], default=None)
+    keeps = f"; identity kept best at swap {best[0]} px ({best[1]['distance']:.2f})" if best else ""
+    return f"snapshot at {row['kimg']:.2f} kimg: KID {kid}{keeps}"
+
+
+def _copy_atomic(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+async def _post_snapshot(w, job: Job, row: dict, work: Path, total: int) -> None:
+    """Store the snapshot's preview grid as a blob and publish it with the metrics summary."""
+    from backend.worker import record_blob
+
+    rt, sha = w.rt, None
+    preview = work / row["preview"] if row.get("preview") else None
+    if preview is not None and preview.is_file():
+        data = preview.read_bytes()
+        sha = await asyncio.to_thread(rt.blobs.put, data)
+        retention = rt.settings.result_retention_s
+        await record_blob(rt, job.user_id, sha, len(data), "image/png", BlobKind.PREVIEW, retention)
+    event = ProgressEvent(
+        job_id=job.id,
+        status="running",
+        stage="finetune",
+        step=row["step"],
+        total=total,
+        message=snapshot_message(row),
+        preview=sha,
+    )
+    await publish(rt.pool, event)
 
 
 async def run_finetune(w, job: Job) -> dict[str, Any]:
     """Fine-tune the base model on the job's dataset; the style row becomes a draft pointing at the result."""
-    from gan.checkpoints import load_discriminator, load_generator
-    from gan.training import TrainConfig, Trainer, lineage_of
+    from backend.worker import _Progress
+    from gan.checkpoints import read_checkpoint
+    from gan.finetune import DatasetRefusedError, FinetuneRun, IdentityMeter, ingest
 
     rt, p = w.rt, job.params
     async with rt.sessions() as s:
@@ -71,45 +99,50 @@ async def run_finetune(w, job: Job) -> dict[str, Any]:
         blob = await s.get(Blob, dataset.blob_id) if dataset and dataset.blob_id else None
     if style is None or blob is None or not rt.blobs.exists(blob.sha256):
         raise BadInputError("the dataset or style of this fine-tune is gone")
-    device = w.models.device
-    base_path = w.base_models.base
-    G = await asyncio.to_thread(load_generator, base_path, device)
-    images = await asyncio.to_thread(read_dataset_zip, rt.blobs.read(blob.sha256), G.resolution)
+    progress = w.progress[job.id] = _Progress(rt, job.id)
+    loop = asyncio.get_running_loop()
+    device, base_path = w.models.device, w.base_models.base
+
+    progress("ingest", 0, 1, "checking the images")
+    resolution = (await asyncio.to_thread(read_checkpoint, base_path)).generator_config.resolution
+    raw = await asyncio.to_thread(rt.blobs.read, blob.sha256)
+    try:
+        data = await asyncio.to_thread(ingest, raw, resolution, min_images=MIN_IMAGES, name=f"{dataset.name}.zip")
+    except DatasetRefusedError as e:
+        raise BadInputError(f"the dataset was refused: {e}") from e
+    await w.check_cancel(job.id)
     async with rt.sessions() as s:
-        await s.execute(sa.update(Dataset).where(Dataset.id == dataset.id).values(image_count=len(images)))
+        await s.execute(sa.update(Dataset).where(Dataset.id == dataset.id).values(image_count=len(data.images)))
         await s.execute(sa.update(StyleModel).where(StyleModel.id == style.id).values(status=StyleStatus.TRAINING))
         await s.commit()
 
-    steps, every = int(p.get("steps", 400)), int(p.get("snapshot_every", 50))
+    settings = finetune_settings(p)
     work = rt.settings.data_dir / "finetune" / job.id
-    snapshot = work / "snapshot.pt"
     cancel = w.cancel_event(job.id)
-    loop = asyncio.get_running_loop()
 
-    def train() -> tuple[bool, Path | None]:
-        if snapshot.is_file():
-            trainer = Trainer.resume(snapshot, images, device=device)
-        else:
-            D = load_discriminator(base_path, device)
-            cfg = TrainConfig(batch=8, freeze_d=2, diffaugment="color,translation", ema_rampup=None, seed=0)
-            trainer = Trainer(G, D, images, cfg, meta={"ancestors": lineage_of(G), "dataset": {"images": len(images)}})
-        while trainer.step_count < steps:
-            target = min(steps, (trainer.step_count // every + 1) * every)
-            if not trainer.train(steps=target, should_cancel=cancel.is_set):
-                return False, None
-            trainer.save_snapshot(snapshot)
-            event = ProgressEvent(
-                job_id=job.id, status="running", stage="finetune", step=trainer.step_count, total=steps
-            )
-            asyncio.run_coroutine_threadsafe(publish(rt.pool, event), loop)
-        out = rt.settings.data_dir / "styles" / f"{style.id}-{job.id[:8]}.safetensors"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return True, trainer.export(out)
+    def train():
+        meter, _ = IdentityMeter.maybe()
+        run = FinetuneRun(work, base_path, data, settings, device=device, resume=True, identity=meter)
+        total = run.total_steps
 
-    finished, out = await asyncio.to_thread(train)
-    if not finished:
-        raise JobCancelledError("cancelled during fine-tuning (the last snapshot is kept)")
-    toon = await asyncio.to_thread(load_generator, out, "cpu")
+        def step_progress(stage: str, step: int, steps: int) -> None:
+            loop.call_soon_threadsafe(progress, stage, step, steps)
+
+        def on_snapshot(row: dict) -> None:  # wait, so the preview blob exists before the job can finish
+            asyncio.run_coroutine_threadsafe(_post_snapshot(w, job, row, work, total), loop).result(timeout=60)
+
+        return run.run(progress=step_progress, should_cancel=cancel.is_set, on_snapshot=on_snapshot)
+
+    try:
+        result = await asyncio.to_thread(train)
+    except asyncio.CancelledError:  # arq abort or job timeout: stop the training thread at its next step too
+        cancel.set()
+        raise
+    if result.status != "done":
+        raise JobCancelledError(f"cancelled during fine-tuning at step {result.steps} (the last snapshot is kept)")
+    out = rt.settings.data_dir / "styles" / f"{style.id}-{job.id[:8]}.safetensors"
+    await asyncio.to_thread(_copy_atomic, result.checkpoint, out)
+    meta = (await asyncio.to_thread(read_checkpoint, out)).meta
     async with rt.sessions() as s:
         await s.execute(
             sa.update(StyleModel)
@@ -117,10 +150,19 @@ async def run_finetune(w, job: Job) -> dict[str, Any]:
             .values(
                 status=StyleStatus.DRAFT,
                 checkpoint_path=str(out),
-                content_hash=toon.meta.get("content_hash"),
-                lineage=list(toon.meta.get("ancestors", [])),
+                content_hash=meta.get("content_hash"),
+                lineage=list(meta.get("ancestors", [])),
             )
         )
         await s.execute(sa.update(Dataset).where(Dataset.id == dataset.id).values(status="used"))
         await s.commit()
-    return {"style": style.name, "checkpoint": str(out), "images": len(images), "steps": steps}
+    counts = data.report.counts()
+    return {
+        "style": style.name,
+        "checkpoint": str(out),
+        "images": len(data.images),
+        "steps": result.steps,
+        "metrics": result.metrics[-1] if result.metrics else None,
+        "dataset": counts,
+        "report": str(work / "report.json"),
+    }

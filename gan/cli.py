@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -185,6 +186,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gan.finetune import DatasetRefusedError, FinetuneSettings, metrics_table, run_finetune
+
+    given = {
+        "kimg": args.kimg,
+        "snapshot_kimg": args.snapshot_kimg,
+        "batch": args.batch,
+        "freeze_d": args.freeze_d,
+        "freeze_g": args.freeze_g,
+        "aug": args.aug,
+        "seed": args.seed,
+        "metric_samples": args.metric_samples,
+        "swap_resolutions": None if args.swap is None else tuple(int(r) for r in args.swap.split(",")),
+    }
+    # On --resume only the flags given are compared with the run's own settings; the rest are the run's.
+    settings = None if args.resume else FinetuneSettings(**{k: v for k, v in given.items() if v is not None})
+    if args.resume:
+        saved = Path(args.out) / "settings.json"
+        base = FinetuneSettings.from_json(json.loads(saved.read_text())) if saved.is_file() else FinetuneSettings()
+        settings = replace(base, **{k: v for k, v in given.items() if v is not None})
+
+    def on_snapshot(row: dict) -> None:
+        kid = "-" if row.get("kid") is None else f"{row['kid']:.4f}"
+        print(f"\nsnapshot at {row['kimg']:.3f} kimg: KID(D) {kid}, augment p {row['aug_p']:.3f}", file=sys.stderr)
+
+    try:
+        result = run_finetune(
+            args.base,
+            args.data,
+            args.out,
+            settings,
+            resume=args.resume,
+            device=_device(args.device),
+            align=not args.no_align,
+            min_images=args.min_images,
+            progress=TerminalProgress(),
+            on_snapshot=on_snapshot,
+        )
+    except DatasetRefusedError as e:
+        print(f"toonify: the dataset was refused:\n{e}", file=sys.stderr)
+        return 2
+    print(metrics_table(result.metrics))
+    print(f"{result.status}: {result.steps} steps ({result.kimg:g} kimg); report in {result.out_dir / 'report.json'}")
+    if result.checkpoint is not None:
+        print(f"toon checkpoint: {result.checkpoint}; blend previews in {result.out_dir / 'blends'}")
+    return 0 if result.status == "done" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toonify", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,6 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     from gan.encoder import add_train_encoder_parser
 
     add_train_encoder_parser(sub)
+
+    s = sub.add_parser("finetune", help="fine-tune a base model on a folder or zip of images (a toon style)")
+    s.add_argument("base", help="base checkpoint with a discriminator (.safetensors, rosinality .pt, NVIDIA .pkl)")
+    s.add_argument("data", help="a folder or a .zip of images")
+    s.add_argument("--out", required=True, help="run folder: snapshots, previews, metrics, the toon checkpoint")
+    s.add_argument("--kimg", type=float, help="training length in thousands of images (default 20)")
+    s.add_argument("--snapshot-kimg", type=float, help="snapshot, preview and metrics every this many kimg (4)")
+    s.add_argument("--batch", type=int, help="batch size (8)")
+    s.add_argument("--freeze-d", type=int, help="FreezeD: the first K discriminator blocks stay fixed (2)")
+    s.add_argument("--freeze-g", type=int, help="FreezeG: train only the top N generator resolutions (all)")
+    s.add_argument("--aug", choices=["ada", "diffaug", "none"], help="adaptive, fixed or no augmentation (ada)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--metric-samples", type=int, help="generated images for KID at each snapshot (256)")
+    s.add_argument("--swap", help="candidate swap resolutions, comma separated (default: all)")
+    s.add_argument("--min-images", type=int, default=8)
+    s.add_argument("--no-align", action="store_true", help="centre crops only (no dlib face alignment)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("demo", help="build tiny models, convert, blend and sample them (no downloads)")
     s.add_argument("--out", default="data/demo")

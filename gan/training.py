@@ -5,7 +5,12 @@ applied lazily (every ``r1_every`` D steps, as its own optimiser step, with Adam
 ``every / (every + 1)``), optional path-length regularisation, style mixing, an EMA generator whose half-life
 is given in kimg (ramped up from the start when training from scratch), Adam betas (0, 0.99). Transfer
 learning adds FreezeD (the first discriminator blocks fixed), FreezeG (only the top generator resolutions
-trained) and DiffAugment (colour, translation, cutout on real and fake images alike before D).
+trained), DiffAugment (colour, translation, cutout on real and fake images alike before D) and ADA's adaptive
+augmentation probability: each augmentation is applied to a sample with probability ``p``, and every
+``ada_interval`` steps ``p`` moves by ``sign(E[sign(D(real))] - ada_target) · batch · interval / (ada_kimg · 1000)``
+(Karras et al. 2020), so augmentation grows only as D starts to overfit the small dataset. Mixed precision
+(bfloat16 autocast) is used on CUDA when asked: bfloat16 has float32's range, so no loss scaling is needed
+around the lazy R1 double backward; the regularisation passes themselves run in float32.
 
 Every random draw comes from the trainer's own seeded generator, so a run is reproducible and a resumed
 snapshot continues exactly where the interrupted run was (on the same device and thread count).
@@ -30,7 +35,7 @@ from gan.checkpoints import content_hash, save_generator
 from gan.images import from_uint8
 from gan.networks import Discriminator, Generator, GeneratorConfig
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2 adds the augmentation state; version 1 snapshots still load
 AUGMENTS = ("color", "translation", "cutout")
 
 
@@ -49,6 +54,11 @@ class TrainConfig:
     style_mixing: float = 0.9
     xflip: bool = False  # mirror reals at random
     diffaugment: str = ""  # comma-separated subset of AUGMENTS
+    aug_p: float | None = None  # per-sample probability of each augmentation; None: 1, or 0 when ADA adapts it
+    ada_target: float | None = None  # adapt aug_p to keep E[sign(D(real))] here (0.6 in the ADA paper)
+    ada_interval: int = 4  # steps between adjustments
+    ada_kimg: float = 100.0  # images (thousands) for p to move by 1; ADA's 500 is for runs 100x longer than ours
+    mixed_precision: bool = False  # bfloat16 autocast on CUDA; ignored on CPU
     freeze_d: int = 0  # first k D blocks (from the image side; block 1 includes fromRGB) frozen
     freeze_g: int | None = None  # train only the top N synthesis resolutions; mapping frozen when set
     seed: int = 0
@@ -61,6 +71,19 @@ class TrainConfig:
         bad = [p for p in self.policies if p not in AUGMENTS]
         if bad:
             raise ValueError(f"unknown DiffAugment policies {bad}; choose from {AUGMENTS}")
+        if self.ada_target is not None and not self.policies:
+            raise ValueError("ada_target adapts the augmentation probability: give diffaugment policies too")
+        if self.aug_p is not None and not 0.0 <= self.aug_p <= 1.0:
+            raise ValueError(f"aug_p must be in [0, 1], got {self.aug_p}")
+        if self.ada_interval < 1 or self.ada_kimg <= 0:
+            raise ValueError("ada_interval must be >= 1 and ada_kimg > 0")
+
+    @property
+    def initial_aug_p(self) -> float:
+        """Fixed DiffAugment always augments; ADA starts from no augmentation and earns it (as NVIDIA's)."""
+        if self.aug_p is not None:
+            return float(self.aug_p)
+        return 0.0 if self.ada_target is not None else 1.0
 
     @property
     def policies(self) -> list[str]:
@@ -76,40 +99,64 @@ class TrainConfig:
 # DiffAugment (Zhao et al. 2020): differentiable, applied identically in kind to reals and fakes
 
 
-def diff_augment(x: Tensor, policy: str | list[str], generator: torch.Generator | None = None) -> Tensor:
+def diff_augment(
+    x: Tensor, policy: str | list[str], generator: torch.Generator | None = None, p: float = 1.0
+) -> Tensor:
     """Random brightness/saturation/contrast, integer translation by up to 1/8 of the size (zero fill) and a
-    cutout of half the size; each sample draws its own parameters. An empty policy returns ``x`` itself."""
-    policies = [p.strip() for p in policy.split(",") if p.strip()] if isinstance(policy, str) else list(policy)
-    n, _, h, w = x.shape
+    cutout of half the size; each sample draws its own parameters. With ``p < 1`` each augmentation touches a
+    sample with probability ``p`` (ADA); ``p == 1`` draws nothing extra, so fixed DiffAugment runs are unchanged.
+    An empty policy (or ``p == 0``) returns ``x`` itself."""
+    policies = [q.strip() for q in policy.split(",") if q.strip()] if isinstance(policy, str) else list(policy)
+    bad = [q for q in policies if q not in _AUGMENT_FNS]
+    if bad:
+        raise ValueError(f"unknown DiffAugment policy {bad[0]!r}")
+    if p <= 0.0:
+        return x
+    n = x.shape[0]
 
     def rand(*shape: int) -> Tensor:
         return torch.rand(shape, generator=generator).to(x.device, x.dtype)
 
-    for p in policies:
-        if p == "color":
-            x = x + (rand(n, 1, 1, 1) - 0.5)
-            mean = x.mean(1, keepdim=True)
-            x = (x - mean) * (rand(n, 1, 1, 1) * 2) + mean
-            mean = x.mean([1, 2, 3], keepdim=True)
-            x = (x - mean) * (rand(n, 1, 1, 1) + 0.5) + mean
-        elif p == "translation":
-            r = max(1, round(h / 8))
-            shift = (rand(n, 2) * (2 * r + 1)).floor().long().clamp_max(2 * r)  # padded-frame offsets 0..2r
-            padded = F.pad(x, [r, r, r, r]).permute(0, 2, 3, 1)
-            ys = torch.arange(h, device=x.device).view(1, h, 1) + shift[:, 0].view(n, 1, 1)
-            xs = torch.arange(w, device=x.device).view(1, 1, w) + shift[:, 1].view(n, 1, 1)
-            x = padded[torch.arange(n, device=x.device).view(n, 1, 1), ys, xs].permute(0, 3, 1, 2)
-        elif p == "cutout":
-            ch, cw = h // 2, w // 2
-            cy = (rand(n, 1, 1) * (h + 1 - ch % 2)).floor() - ch // 2
-            cx = (rand(n, 1, 1) * (w + 1 - cw % 2)).floor() - cw // 2
-            gy = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
-            gx = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
-            inside = (gy >= cy) & (gy < cy + ch) & (gx >= cx) & (gx < cx + cw)
-            x = x * (~inside).unsqueeze(1).to(x.dtype)
-        else:
-            raise ValueError(f"unknown DiffAugment policy {p!r}")
+    for q in policies:
+        augmented = _AUGMENT_FNS[q](x, rand)
+        if p < 1.0:
+            keep = (torch.rand(n, generator=generator) >= p).to(x.device).view(n, 1, 1, 1)
+            augmented = torch.where(keep, x, augmented)
+        x = augmented
     return x
+
+
+def _colour(x: Tensor, rand: Callable[..., Tensor]) -> Tensor:
+    n = x.shape[0]
+    x = x + (rand(n, 1, 1, 1) - 0.5)
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (rand(n, 1, 1, 1) * 2) + mean
+    mean = x.mean([1, 2, 3], keepdim=True)
+    return (x - mean) * (rand(n, 1, 1, 1) + 0.5) + mean
+
+
+def _translation(x: Tensor, rand: Callable[..., Tensor]) -> Tensor:
+    n, _, h, w = x.shape
+    r = max(1, round(h / 8))
+    shift = (rand(n, 2) * (2 * r + 1)).floor().long().clamp_max(2 * r)  # padded-frame offsets 0..2r
+    padded = F.pad(x, [r, r, r, r]).permute(0, 2, 3, 1)
+    ys = torch.arange(h, device=x.device).view(1, h, 1) + shift[:, 0].view(n, 1, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w) + shift[:, 1].view(n, 1, 1)
+    return padded[torch.arange(n, device=x.device).view(n, 1, 1), ys, xs].permute(0, 3, 1, 2)
+
+
+def _cutout(x: Tensor, rand: Callable[..., Tensor]) -> Tensor:
+    n, _, h, w = x.shape
+    ch, cw = h // 2, w // 2
+    cy = (rand(n, 1, 1) * (h + 1 - ch % 2)).floor() - ch // 2
+    cx = (rand(n, 1, 1) * (w + 1 - cw % 2)).floor() - cw // 2
+    gy = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
+    gx = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
+    inside = (gy >= cy) & (gy < cy + ch) & (gx >= cx) & (gx < cx + cw)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+_AUGMENT_FNS = {"color": _colour, "translation": _translation, "cutout": _cutout}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,6 +235,8 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(cfg.seed)  # all random draws, on CPU for reproducibility
         self.step_count, self.nimg = 0, 0
         self.pl_mean = torch.zeros([], device=self.device)
+        self.aug_p = cfg.initial_aug_p
+        self._ada_signs = [0.0, 0]  # sum of sign(D(real)) and count since the last ADA adjustment
         self._iter: Iterator[Tensor] | None = None
         if isinstance(data, np.ndarray | Tensor):
             self.data = _check_images(data, D.resolution).to(self.device)  # uint8 stays uint8 until sampled
@@ -202,6 +251,14 @@ class Trainer:
         self.d_opt = self._adam(self.d_params, cfg.d_lr, cfg.r1_every if cfg.r1_gamma > 0 else 0)
         self._mkldnn = cfg.mkldnn
         self._layout = torch.channels_last if G.input.channels_last else torch.contiguous_format
+        self.amp = cfg.mixed_precision and self.device.type in self.AMP_DEVICE_TYPES
+
+    AMP_DEVICE_TYPES = ("cuda",)  # where mixed_precision applies (tests widen it to run the path on CPU)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _adam(self, params: list[Tensor], lr: float, reg_every: int) -> torch.optim.Adam:
         ratio = reg_every / (reg_every + 1) if reg_every > 0 else 1.0  # lazy regularisation correction
@@ -249,7 +306,24 @@ class Trainer:
         return self.G.synthesis(ws, noise=noise)
 
     def _d(self, x: Tensor) -> Tensor:
-        return self.D(diff_augment(x, self.cfg.policies, self.rng) if self.cfg.policies else x)
+        """D's logits (float32 whatever the autocast) on augmented images."""
+        if self.cfg.policies:
+            x = diff_augment(x, self.cfg.policies, self.rng, p=self.aug_p)
+        return self.D(x).float()
+
+    def _ada_update(self, real_logits: Tensor) -> None:
+        """ADA: accumulate sign(D(real)); every ``ada_interval`` steps nudge ``aug_p`` toward the target."""
+        cfg = self.cfg
+        if cfg.ada_target is None:
+            return
+        self._ada_signs[0] += real_logits.detach().sign().sum().item()
+        self._ada_signs[1] += real_logits.numel()
+        if (self.step_count + 1) % cfg.ada_interval == 0:
+            rt = self._ada_signs[0] / max(self._ada_signs[1], 1)
+            adjust = math.copysign(1.0, rt - cfg.ada_target) if rt != cfg.ada_target else 0.0
+            adjust *= cfg.batch * cfg.ada_interval / (cfg.ada_kimg * 1000)
+            self.aug_p = min(1.0, max(0.0, self.aug_p + adjust))
+            self._ada_signs = [0.0, 0]
 
     # -- one iteration -------------------------------------------------------------------------------------
 
@@ -268,9 +342,10 @@ class Trainer:
             for p in self.d_params:
                 p.requires_grad_(True)
             reals = self._reals()
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 fakes = self._fakes(n)
-            fake_logits, real_logits = self._d(fakes), self._d(reals)
+            with self._autocast():
+                fake_logits, real_logits = self._d(fakes), self._d(reals)
             d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -278,6 +353,8 @@ class Trainer:
             stats.update(
                 d_loss=d_loss.item(), real_score=real_logits.mean().item(), fake_score=fake_logits.mean().item()
             )
+            self._ada_update(real_logits)
+            stats["aug_p"] = self.aug_p
             if cfg.r1_gamma > 0 and self.step_count % cfg.r1_every == 0:
                 reals = reals.detach().requires_grad_(True)
                 logits = self._d(reals)
@@ -293,7 +370,9 @@ class Trainer:
             # G: non-saturating loss, D held fixed.
             for p in self.g_params:
                 p.requires_grad_(True)
-            g_loss = F.softplus(-self._d(self._fakes(n))).mean()
+            with self._autocast():
+                g_logits = self._d(self._fakes(n))
+            g_loss = F.softplus(-g_logits).mean()
             self.g_opt.zero_grad(set_to_none=True)
             g_loss.backward()
             self.g_opt.step()
@@ -369,10 +448,11 @@ class Trainer:
             "pl_mean": self.pl_mean.clone(),
             "rng": self.rng.get_state(),
             "data_order": None if self.data is None else (self._perm.clone(), self._pos),
+            "augment": {"p": self.aug_p, "ada_signs": list(self._ada_signs)},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != SNAPSHOT_VERSION:
+        if state.get("version") not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"unsupported snapshot version {state.get('version')!r}")
         self.G.load_state_dict(state["G"])
         self.G_ema.load_state_dict(state["G_ema"])
@@ -385,6 +465,10 @@ class Trainer:
         self.rng.set_state(state["rng"].cpu())
         if self.data is not None and state["data_order"] is not None:
             self._perm, self._pos = state["data_order"][0].cpu().clone(), int(state["data_order"][1])
+        augment = state.get("augment")  # absent in version 1: fixed DiffAugment, nothing to restore
+        if augment is not None:
+            self.aug_p = float(augment["p"])
+            self._ada_signs = [float(augment["ada_signs"][0]), int(augment["ada_signs"][1])]
 
     def save_snapshot(self, path: str | Path) -> Path:
         """Write the training state atomically (temporary file, then rename)."""
@@ -413,6 +497,8 @@ class Trainer:
         """Checkpoint metadata for ``G_ema``: ``ancestors`` and ``training`` (settings, length, dataset)."""
         extra = {k: v for k, v in self.meta.items() if k not in ("ancestors", "dataset")}
         training = {"config": self.cfg.to_json(), "steps": self.step_count, "kimg": self.nimg / 1000}
+        if self.cfg.policies:
+            training["aug_p"] = self.aug_p
         training["dataset"] = self.meta.get("dataset")
         return {**extra, "ancestors": list(self.meta.get("ancestors", [])), "training": training}
 

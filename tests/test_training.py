@@ -216,3 +216,79 @@ def test_trainer_export_and_scratch_lineage(photos, tmp_path):
     meta = read_checkpoint(t.export(tmp_path / "g.safetensors")).meta
     assert meta["ancestors"] == ["abc"] and meta["training"]["kimg"] == 0.004
     assert meta["training"]["config"]["freeze_g"] == 2 and meta["training"]["dataset"] == {"n": 24}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ADA, mixed precision, augmentation state in snapshots
+
+
+def test_augment_probability_applies_each_op_per_sample():
+    x = torch.rand(64, 3, 16, 16) + 1
+    assert diff_augment(x, "color,cutout", torch.Generator().manual_seed(0), p=0.0) is x
+    same = diff_augment(x, "cutout", torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(same, diff_augment(x, "cutout", torch.Generator().manual_seed(0)))  # p=1: unchanged runs
+    y = diff_augment(x, "cutout", torch.Generator().manual_seed(0), p=0.5)
+    touched = (y != x).flatten(1).any(1).float().mean().item()
+    assert 0.25 < touched < 0.75  # about half the samples got a hole
+
+
+def test_ada_moves_p_by_the_sign_rule_and_clamps_at_zero(photos):
+    t = make_trainer(photos, diffaugment="color", ada_target=0.6, ada_interval=2, ada_kimg=0.1)
+    assert t.aug_p == 0.0  # ADA starts without augmentation
+    step = 4 * 2 / (0.1 * 1000)  # batch · interval / (ada_kimg · 1000)
+
+    def feed(logit: float, steps: int) -> None:
+        for _ in range(steps):
+            t._ada_update(torch.full((4, 1), logit))
+            t.step_count += 1
+
+    feed(+1.0, 4)  # D sure of every real: overfitting, so augment more
+    assert t.aug_p == pytest.approx(2 * step)
+    feed(-1.0, 2)
+    assert t.aug_p == pytest.approx(step)
+    feed(-1.0, 8)
+    assert t.aug_p == 0.0
+    with pytest.raises(ValueError, match="ada_target"):
+        TrainConfig(ada_target=0.6)  # nothing to adapt without policies
+
+
+def test_snapshot_resume_with_ada_matches_an_uninterrupted_run(photos, tmp_path):
+    cfg = {"diffaugment": "color,translation,cutout", "ada_target": 0.0, "ada_interval": 1, "ada_kimg": 0.05}
+    straight = make_trainer(photos, seed=2, **cfg)
+    straight.train(steps=6)
+    assert 0 < straight.aug_p < 1  # it moved: the resumed run must restore it
+    first = make_trainer(photos, seed=2, **cfg)
+    first.train(steps=3)
+    resumed = Trainer.resume(first.save_snapshot(tmp_path / "snap.pt"), photos)
+    assert resumed.aug_p == first.aug_p and resumed._ada_signs == first._ada_signs
+    resumed.train(steps=6)
+    assert resumed.aug_p == straight.aug_p
+    for (k, v), w in zip(straight.G_ema.state_dict().items(), resumed.G_ema.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_version_1_snapshots_still_load(photos, tmp_path):
+    t = make_trainer(photos, diffaugment="color")
+    t.step()
+    state = t.state_dict()
+    state["version"] = 1
+    del state["augment"]
+    torch.save(state, tmp_path / "v1.pt")
+    resumed = Trainer.resume(tmp_path / "v1.pt", photos)
+    assert resumed.step_count == 1 and resumed.aug_p == 1.0
+
+
+def test_mixed_precision_path_trains_and_keeps_frozen_layers(photos, monkeypatch):
+    monkeypatch.setattr(Trainer, "AMP_DEVICE_TYPES", ("cuda", "cpu"))  # bfloat16 autocast exists on CPU too
+    t = make_trainer(photos, mixed_precision=True, freeze_d=1, r1_every=2, diffaugment="color")
+    assert t.amp
+    g0, d0 = params(t.G), params(t.D)
+    for _ in range(3):
+        stats = t.step()
+        assert all(math.isfinite(v) for v in stats.values()), stats
+    assert all(p.dtype == torch.float32 for p in t.G.parameters())  # weights stay float32
+    assert any(not torch.equal(g0[k], v) for k, v in t.G.named_parameters())
+    for k, v in t.D.named_parameters():
+        assert torch.equal(d0[k], v) == k.startswith(("convs.0.", "convs.1.")), k
+    monkeypatch.setattr(Trainer, "AMP_DEVICE_TYPES", ("cuda",))
+    assert not make_trainer(photos, mixed_precision=True).amp  # on CPU it is ignored
