@@ -361,7 +361,7 @@ class ToonCog(commands.Cog, name=COG_NAME):
 
     # ------------------------------------------------------------------ everyone
 
-    @app_commands.command(name="toon", description="Turn a photo into a toon")
+    @app_commands.command(name="toon", description=t("cmd_toon_discord"))
     @app_commands.describe(
         image="A photo with a face",
         style="Which style (default: yours, or this server's)",
@@ -380,7 +380,7 @@ class ToonCog(commands.Cog, name=COG_NAME):
         opts = _options(style=style, blend=blend, mode=mode)
         await self._run(interaction, "toon", options=opts, upload=upload_of(image))
 
-    @app_commands.command(name="blend", description="Re-draw your last toon with another blend")
+    @app_commands.command(name="blend", description=t("cmd_blend_discord"))
     @app_commands.describe(resolution="Blend resolution: small = more toon", style="Another style, if you like")
     @app_commands.autocomplete(style=style_choices)
     async def blend(
@@ -391,32 +391,32 @@ class ToonCog(commands.Cog, name=COG_NAME):
     ) -> None:
         await self._run(interaction, "blend", options=_options(resolution=resolution, style=style))
 
-    @app_commands.command(name="style", description="Set your default style")
+    @app_commands.command(name="style", description=t("cmd_style"))
     @app_commands.describe(name="A style name (see /styles)")
     @app_commands.autocomplete(name=style_choices)
     async def style(self, interaction: discord.Interaction, name: str) -> None:
         await self._run(interaction, "style", options={"name": name}, ephemeral=True)
 
-    @app_commands.command(name="styles", description="List the styles here")
+    @app_commands.command(name="styles", description=t("cmd_styles"))
     async def styles(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "styles", ephemeral=True)
 
-    @app_commands.command(name="cancel", description="Stop your running job")
+    @app_commands.command(name="cancel", description=t("cmd_cancel"))
     async def cancel(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "cancel", ephemeral=True)
 
-    @app_commands.command(name="forget", description="Delete everything I keep about you")
+    @app_commands.command(name="forget", description=t("cmd_forget"))
     async def forget(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "forget", ephemeral=True)
 
-    @app_commands.command(name="help", description="What I can do")
+    @app_commands.command(name="help", description=t("cmd_help"))
     async def show_help(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "help", ephemeral=True)
 
     # ------------------------------------------------------------------ admins (hidden from others by default;
     # the service checks the rights again, since server admins can re-assign command permissions)
 
-    @app_commands.command(name="blendvote", description="Admins: let this server vote on its favourite blend")
+    @app_commands.command(name="blendvote", description=t("cmd_blendvote"))
     @app_commands.describe(levels="Blend levels to vote on, e.g. 8 16 32", style="Which style (default: the default)")
     @app_commands.autocomplete(style=style_choices)
     @app_commands.default_permissions(manage_guild=True)
@@ -427,20 +427,20 @@ class ToonCog(commands.Cog, name=COG_NAME):
         args = ["vote", *re.findall(r"\d+", levels or "")]
         await self._run(interaction, "blend", args, options=_options(style=style))
 
-    @app_commands.command(name="pollclose", description="Admins: close this server's blend vote")
+    @app_commands.command(name="pollclose", description=t("cmd_pollclose"))
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     async def pollclose(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "poll", ["close"])
 
-    @app_commands.command(name="finetune", description="Admins: train a style from a .zip of images")
+    @app_commands.command(name="finetune", description=t("cmd_finetune"))
     @app_commands.describe(name="The new style's name", dataset="A .zip of 8 or more images")
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     async def finetune(self, interaction: discord.Interaction, name: str, dataset: discord.Attachment) -> None:
         await self._run(interaction, "finetune", options={"name": name}, upload=upload_of(dataset))
 
-    @app_commands.command(name="publish", description="Admins: publish a trained style")
+    @app_commands.command(name="publish", description=t("cmd_publish"))
     @app_commands.describe(name="The style to publish")
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()

@@ -65,6 +65,21 @@ STRINGS: dict[str, dict[str, str]] = {
         "button_blend": "Blend {level}",
         "button_cancel": "Cancel",
         "button_vote": "Vote {position}",
+        # Command menus (Telegram's setMyCommands, Discord's command descriptions).
+        "cmd_toon": "Turn a photo into a toon (attach it, or reply to it)",
+        "cmd_blend": "Re-draw your last toon with another blend, or /blend vote",
+        "cmd_blend_discord": "Re-draw your last toon with another blend",
+        "cmd_toon_discord": "Turn a photo into a toon",
+        "cmd_style": "Set your default style",
+        "cmd_styles": "List the styles here",
+        "cmd_cancel": "Stop your running job",
+        "cmd_forget": "Delete everything I keep about you",
+        "cmd_help": "What I can do",
+        "cmd_finetune": "Admins: train a style from a .zip of images",
+        "cmd_publish": "Admins: publish a trained style",
+        "cmd_poll": "Admins: /poll close ends the blend vote",
+        "cmd_blendvote": "Admins: let this server vote on its favourite blend",
+        "cmd_pollclose": "Admins: close this server's blend vote",
     },
 }
 

@@ -51,17 +51,9 @@ PHOTO_LIMIT = 10 * 1000 * 1000  # sendPhoto; bigger results go out as files
 CAPTION_LIMIT, TEXT_LIMIT, ANSWER_LIMIT = 1024, 4096, 200
 ANSWER_DEADLINE_S = 5.0  # a callback query left unanswered for long shows the user a spinner, then expires
 POLL_TIMEOUT_S = 20
-COMMANDS = {  # the menu set with setMyCommands; /start is Telegram's own and maps to /help
-    "toon": "Turn a photo into a toon (attach it, or reply to it)",
-    "blend": "Re-draw your last toon with another blend, or /blend vote",
-    "style": "Set your default style",
-    "styles": "List the styles here",
-    "cancel": "Stop your running job",
-    "forget": "Delete everything I keep about you",
-    "help": "What I can do",
-    "finetune": "Admins: train a style from a .zip of images",
-    "publish": "Admins: publish a trained style",
-    "poll": "Admins: /poll close ends the blend vote",
+COMMANDS = {  # the menu set with setMyCommands (texts in bots.strings); /start is Telegram's own: /help
+    name: t(f"cmd_{name}")
+    for name in ("toon", "blend", "style", "styles", "cancel", "forget", "help", "finetune", "publish", "poll")
 }
 KNOWN = {*COMMANDS, "start"}
 
