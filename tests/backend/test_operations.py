@@ -113,6 +113,7 @@ async def test_two_worker_processes_share_a_queue_and_expose_metrics(tmp_path, r
     env = {
         **os.environ,
         "TOONIFY_DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'toonify.db'}",  # not the caller's
         "REDIS_URL": redis_url,
         "TOONIFY_DEVICE": "cpu",
         "TOONIFY_TOON_MAX_JOBS": "1",
@@ -172,6 +173,7 @@ def test_a_running_bot_exposes_command_metrics(tmp_path, redis_url):  # noqa: F8
             env = {
                 **os.environ,
                 "TOONIFY_DATA_DIR": str(tmp_path / "data"),
+                "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'toonify.db'}",
                 "REDIS_URL": redis_url,
                 "TELEGRAM_TOKEN": fake.token,
                 "TELEGRAM_API_BASE_URL": fake.base_url,

@@ -187,6 +187,7 @@ def _worker_process(env: dict[str, str]) -> subprocess.Popen:
 @pytest.mark.asyncio
 async def test_worker_killed_mid_job_loses_nothing(tmp_path, redis_url, redis):  # noqa: F811
     env = {**os.environ, "TOONIFY_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url,
+           "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'toonify.db'}",
            "TOONIFY_WORKER_HEARTBEAT_TTL_S": "2", "TOONIFY_DEVICE": "cpu"}  # fmt: skip
     svc = await ToonService.open(Settings.from_env(env))
     first = _worker_process(env)
