@@ -88,7 +88,7 @@ async def _post_snapshot(w, job: Job, row: dict, work: Path, total: int) -> None
 
 async def run_finetune(w, job: Job) -> dict[str, Any]:
     """Fine-tune the base model on the job's dataset; the style row becomes a draft pointing at the result."""
-    from backend.worker import _Progress
+    from backend.worker import JobProgress
     from gan.checkpoints import read_checkpoint
     from gan.finetune import DatasetRefusedError, FinetuneRun, IdentityMeter, ingest
 
@@ -99,7 +99,7 @@ async def run_finetune(w, job: Job) -> dict[str, Any]:
         blob = await s.get(Blob, dataset.blob_id) if dataset and dataset.blob_id else None
     if style is None or blob is None or not rt.blobs.exists(blob.sha256):
         raise BadInputError("the dataset or style of this fine-tune is gone")
-    progress = w.progress[job.id] = _Progress(rt, job.id)
+    progress = w.progress[job.id] = JobProgress(rt, job.id)
     loop = asyncio.get_running_loop()
     device, base_path = w.models.device, w.base_models.base
 

@@ -80,7 +80,7 @@ class WorkerState:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     cancel_events: dict[str, threading.Event] = field(default_factory=dict)
     tasks: list[asyncio.Task] = field(default_factory=list)
-    progress: dict[str, _Progress] = field(default_factory=dict)  # running jobs' progress trackers
+    progress: dict[str, JobProgress] = field(default_factory=dict)  # running jobs' progress trackers
     cancel_seen_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # job -> (stage, step) at the flag
 
     @property
@@ -256,7 +256,7 @@ async def _record_duration(rt: Runtime, seconds: float) -> None:
     await rt.pool.set(STATS_KEY, str(value))
 
 
-class _Progress:
+class JobProgress:
     """Publishes a job's (stage, step, total) at most every PROGRESS_EVERY_S, never an unchanged event."""
 
     def __init__(self, rt: Runtime, job_id: str) -> None:
@@ -293,7 +293,7 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
 
 async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) -> dict[str, Any]:
     rt, p = w.rt, job.params
-    progress = w.progress[job.id] = _Progress(rt, job.id)
+    progress = w.progress[job.id] = JobProgress(rt, job.id)
     async with rt.sessions() as s:
         blob = await s.get(Blob, job.input_blob_id) if job.input_blob_id else None
         style = await s.get(StyleModel, p["style_id"])
