@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     from backend.cli import build_parser as backend_parser
 
     p = backend_parser()
+    p.description = (
+        "Toonify: selfies to cartoon portraits. Model commands (toon, blend, convert, finetune, ...), the service "
+        "(submit, worker, db, health, ...) and the bots (up, bot)."
+    )
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     s = sub.add_parser("up", help="everything in one process: embedded defaults, a worker, the bots with tokens")
     s.add_argument("--no-worker", action="store_true", help="workers run elsewhere")
