@@ -133,9 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preview-every", type=int, default=500, help="steps between progress grids (0: off)")
     ap.add_argument("--snapshot-every", type=int, default=500, help="steps between snapshots (0: off)")
     ap.add_argument("--encoder-only", action="store_true", help="retrain only the encoder of the models in --out")
+    ap.add_argument(
+        "--toon-only",
+        action="store_true",
+        help="re-fine-tune only the toon model of --out with gan.finetune (FreezeD + ADA, 16 kimg)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.toon_only:
+        return retrain_toon(Path(args.out or ROOT / "gan" / "demo_models"), Path(args.work), argv)
     if args.encoder_only:
         out = Path(args.out or ROOT / "gan" / "demo_models")
         return retrain_encoder(out, args.steps_encoder or STEPS_ENCODER, argv)
@@ -241,6 +248,55 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in timings.items():
         print(f"{k}: {v:.3f}", flush=True)
     print(f"wrote {base_path}, {toon_path}, {out / 'manifest.json'}, previews in {previews}", flush=True)
+    return 0
+
+
+TOON_FINETUNE = ["--kimg", "16", "--snapshot-kimg", "4", "--no-align", "--seed", "2"]  # FreezeD 2 + ADA defaults
+
+
+def retrain_toon(out: Path, work: Path, argv: list[str] | None) -> int:
+    """Fine-tune a new toon model from the base in ``out`` on the 300 procedural toons (TOON_DATA) with
+    ``toonify finetune`` (FreezeD 2, ADA, 16 kimg at batch 8) and ship it with fresh previews. A finished
+    run in ``work/toon_run`` is resumed (nothing left to train) rather than repeated."""
+    from PIL import Image
+
+    from gan.checkpoints import load_generator
+    from gan.cli import main as toonify
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    data_dir, run_dir = work / "toon_data", work / "toon_run"
+    if not data_dir.is_dir():
+        data_dir.mkdir(parents=True)
+        for i, arr in enumerate(make_dataset(TOON_DATA["n"], "toon", TOON_DATA["size"], seed=TOON_DATA["seed"])):
+            Image.fromarray(arr).save(data_dir / f"{i:03d}.png")
+    t = time.perf_counter()
+    resume = ["--resume"] if (run_dir / "settings.json").is_file() else []
+    cmd = ["finetune", str(out / manifest["base"]), str(data_dir), "--out", str(run_dir), *TOON_FINETUNE, *resume]
+    if toonify(cmd) != 0:
+        return 1
+    toon_path = out / manifest["styles"]["demo"]["toon"]
+    toon_path.write_bytes((run_dir / "toon.safetensors").read_bytes())
+    base, toon = load_generator(out / manifest["base"]), load_generator(toon_path)
+    previews = out / "previews"
+    save_grid(samples(toon), previews / "toon_samples.png", columns=8)
+    save_grid(render_rows(base, toon), previews / "base_toon_blends.png", columns=len(PREVIEW_SEEDS))
+    for p in [toon_path, previews / "toon_samples.png", previews / "base_toon_blends.png"]:
+        manifest["files"][p.name] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    report = json.loads((run_dir / "report.json").read_text())
+    manifest["models"]["toon"] = {
+        "file": toon_path.name,
+        "content_hash": content_hash(toon.state_dict()),
+        "ancestors": lineage_of(base),
+        "finetune": ["toonify", *cmd[:1], "BASE", "DATA", *TOON_FINETUNE],
+        "dataset": TOON_DATA,
+        "metrics": report.get("metrics"),
+    }
+    manifest["toon_command"] = "python scripts/make_demo_models.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    manifest["timings"]["toon_train_s"] = round(time.perf_counter() - t, 3)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {toon_path}, previews and {out / 'manifest.json'}", flush=True)
     return 0
 
 
