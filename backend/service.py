@@ -140,6 +140,7 @@ class ForgetReport:
 
 
 BLEND_LEVELS = (4, 8, 16, 32, 64, 128, 256, 512)
+MAX_DATASET_BYTES = 1 << 30  # a fine-tune dataset zip (a few hundred photos fit in far less)
 
 
 def parse_blend(value: int | str | BlendSpec | None, resolution: int | None = None) -> BlendSpec | None:
@@ -729,8 +730,9 @@ class ToonService:
         name = name.strip().lower()
         if not name or len(name) > 32 or not all(c.isalnum() or c in "-_" for c in name):
             raise BadInputError("a style name is 1 to 32 letters, digits, '-' or '_'")
-        if len(dataset) > 4 * self.rt.settings.max_upload_bytes * 25:
-            raise BadInputError("that dataset is too large")
+        if len(dataset) > MAX_DATASET_BYTES:
+            size, limit = len(dataset) / 2**20, MAX_DATASET_BYTES >> 20
+            raise BadInputError(f"that dataset is {size:.0f} MB; the limit is {limit} MB")
         try:
             with zipfile.ZipFile(io.BytesIO(dataset)) as zf:
                 n_files = sum(1 for m in zf.infolist() if not m.is_dir())
