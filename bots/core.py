@@ -344,7 +344,8 @@ class CommandCore:
             )
             await self._safe_edit(conv, handle, Reply(text))
             return
-        await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))
+        if shown.text != t("stage_upload", locale):  # else it says so already; "Done." drops the cancel button
+            await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))
         claimed = await self.service.claim_delivery(job_id)
         if not claimed and not redeliver:
             return  # another front end process already delivered it
