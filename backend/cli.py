@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -81,64 +82,55 @@ def _bar(step: int | None, total: int | None, width: int = 24) -> str:
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    from backend.batching import ProjectionBatcher
-    from backend.model_cache import ModelCache
     from backend.service import Actor, ToonService
-    from backend.worker import WorkerState, make_workers, stop_workers
+    from backend.worker import serving_worker
 
-    settings = Settings.from_env()
-    service = await ToonService.open(settings)
-    state, workers, tasks = None, [], []
+    service = await ToonService.open(Settings.from_env())
     try:
-        if not args.no_worker:
-            device = settings.device or "cpu"
-            state = WorkerState(rt=service.rt, models=ModelCache(device), batcher=ProjectionBatcher())
-            await state.start()
-            workers = make_workers(state, ("toon",))
-            tasks = [asyncio.create_task(w.async_run()) for w in workers]
-        actor = Actor(platform="cli", user_id=args.user, name=args.user)
-        ticket = await service.submit_toon(
-            actor,
-            None,
-            Path(args.photo).read_bytes(),
-            style=args.style,
-            blend=args.blend,
-            mode=args.mode,
-            all_faces=not args.largest_face,
-        )
-        print(
-            f"job {ticket.job_id} {'(already submitted) ' if ticket.duplicate else ''}{ticket.status}", file=sys.stderr
-        )
-        last = None
-        async for ev in service.watch(ticket.job_id):
-            line = f"  {ev.status:9} {ev.stage or '':8} {_bar(ev.step, ev.total)} {ev.message or ''}".rstrip()
-            if ev.queue_position is not None:
-                line += f"  (position {ev.queue_position + 1}, ~{ev.eta_s or 0:.0f} s)"
-            if line != last:
-                print(line, file=sys.stderr)
-                last = line
-            if ev.terminal:
-                if ev.status != "done":
-                    print(f"toonify: job {ev.status}: {ev.error}", file=sys.stderr)
-                    return 1
-                break
-        out = await service.result(ticket.job_id)
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(out.composite)
-        for i, crop in enumerate(out.crops):
-            path.with_name(f"{path.stem}_toon{i}.png").write_bytes(crop)
-        await service.claim_delivery(ticket.job_id)
-        print(
-            f"wrote {path} and {len(out.crops)} crop(s); style {out.style}, blend {json.dumps(out.spec)}",
-            file=sys.stderr,
-        )
-        return 0
+        async with contextlib.AsyncExitStack() as stack:
+            if not args.no_worker:
+                await stack.enter_async_context(serving_worker(service.rt, ("toon",)))
+            return await _submit_and_watch(service, Actor(platform="cli", user_id=args.user, name=args.user), args)
     finally:
-        await stop_workers(workers, tasks)
-        if state is not None:
-            await state.stop()
         await service.close()
+
+
+async def _submit_and_watch(service, actor, args: argparse.Namespace) -> int:
+    ticket = await service.submit_toon(
+        actor,
+        None,
+        Path(args.photo).read_bytes(),
+        style=args.style,
+        blend=args.blend,
+        mode=args.mode,
+        all_faces=not args.largest_face,
+    )
+    print(f"job {ticket.job_id} {'(already submitted) ' if ticket.duplicate else ''}{ticket.status}", file=sys.stderr)
+    last = None
+    async for ev in service.watch(ticket.job_id):
+        line = f"  {ev.status:9} {ev.stage or '':8} {_bar(ev.step, ev.total)} {ev.message or ''}".rstrip()
+        if ev.queue_position is not None:
+            line += f"  (position {ev.queue_position + 1}, ~{ev.eta_s or 0:.0f} s)"
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+        if ev.terminal:
+            if ev.status != "done":
+                print(f"toonify: job {ev.status}: {ev.error}", file=sys.stderr)
+                return 1
+            break
+    out = await service.result(ticket.job_id)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(out.composite)
+    for i, crop in enumerate(out.crops):
+        path.with_name(f"{path.stem}_toon{i}.png").write_bytes(crop)
+    await service.claim_delivery(ticket.job_id)
+    print(
+        f"wrote {path} and {len(out.crops)} crop(s); style {out.style}, blend {json.dumps(out.spec)}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

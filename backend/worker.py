@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -492,31 +492,47 @@ def make_workers(
     return made
 
 
-async def run_worker(
-    settings: Settings, queues: tuple[str, ...] = ("toon", "finetune"), *, stop: asyncio.Event | None = None
-) -> None:
-    """Run a worker process until ``stop`` is set (or SIGTERM/SIGINT arrives)."""
-    rt = await open_runtime(settings)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    state = WorkerState(rt=rt, models=ModelCache(device), batcher=ProjectionBatcher())
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
+def default_device(settings: Settings) -> str:
+    return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.asynccontextmanager
+async def serving_worker(
+    rt: Runtime, queues: tuple[str, ...] = ("toon", "finetune"), *, models: ModelCache | None = None
+) -> AsyncIterator[tuple[WorkerState, list[asyncio.Task]]]:
+    """A worker serving ``queues`` on ``rt`` inside this event loop, stopped on exit: the one way the worker
+    process, ``toonify up``/``submit``, the benchmarks and the tests run one. Yields the state and the
+    running tasks (a task that ends early means the worker died)."""
+    state = WorkerState(rt=rt, models=models or ModelCache(default_device(rt.settings)), batcher=ProjectionBatcher())
     await state.start()
-    metrics.serve(settings.metrics_port)
     workers = make_workers(state, queues)
     tasks = [asyncio.create_task(wk.async_run()) for wk in workers]
     tasks.append(asyncio.create_task(metrics.watch_queues(rt.pool, QUEUE_NAMES)))
     log.info("worker %s serving %s", state.worker_id, ", ".join(queues))
     try:
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
+        yield state, tasks
     finally:
         await stop_workers(workers, tasks)
         await state.stop()
+
+
+async def run_worker(
+    settings: Settings, queues: tuple[str, ...] = ("toon", "finetune"), *, stop: asyncio.Event | None = None
+) -> None:
+    """Run a worker process until ``stop`` is set (or SIGTERM/SIGINT arrives)."""
+    rt = await open_runtime(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    metrics.serve(settings.metrics_port)
+    try:
+        async with serving_worker(rt, queues) as (_, tasks):
+            waiter = asyncio.create_task(stop.wait())
+            await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+    finally:
         await rt.close()
 
 
@@ -532,4 +548,13 @@ async def stop_workers(workers: list[Worker], tasks: list[asyncio.Task]) -> None
             await wk.close()
 
 
-__all__ = ["WorkerState", "enqueue", "make_workers", "reconcile", "run_worker", "stop_workers", "toon_job"]
+__all__ = [
+    "WorkerState",
+    "enqueue",
+    "make_workers",
+    "reconcile",
+    "run_worker",
+    "serving_worker",
+    "stop_workers",
+    "toon_job",
+]

@@ -30,11 +30,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.batching import ProjectionBatcher  # noqa: E402
 from backend.config import Settings  # noqa: E402
 from backend.model_cache import ModelCache, base_models_from_manifest  # noqa: E402
 from backend.service import Actor, ToonService  # noqa: E402
-from backend.worker import WorkerState, make_workers, stop_workers  # noqa: E402
+from backend.worker import serving_worker  # noqa: E402
 from gan.styles import DEMO_DIR, get_style  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "astronaut.png"
@@ -57,13 +56,6 @@ async def run_batch(
     ``warm=False``: the jobs wait in the queue before the worker starts, and the clock starts with the worker.
     ``warm=True``: the worker is running first, and the clock starts at the first submission."""
     service = await ToonService.open(settings)
-    state = WorkerState(rt=service.rt, models=models, batcher=ProjectionBatcher())
-    workers, tasks = [], []
-
-    async def start_worker() -> None:
-        await state.start()
-        workers.extend(make_workers(state, ("toon",)))
-        tasks.extend(asyncio.create_task(w.async_run()) for w in workers)
 
     async def submit() -> list:
         return [
@@ -73,25 +65,30 @@ async def run_batch(
 
     try:
         if warm:
-            await start_worker()
-            await asyncio.sleep(1.0)  # arq is polling
-            t0 = time.perf_counter()
-            tickets = await submit()
+            async with serving_worker(service.rt, ("toon",), models=models) as (state, _):
+                await asyncio.sleep(1.0)  # arq is polling
+                t0 = time.perf_counter()
+                tickets = await submit()
+                await wait_done(service, tickets)
+                elapsed = time.perf_counter() - t0  # not counting the worker's shutdown
         else:
             tickets = await submit()
             t0 = time.perf_counter()
-            await start_worker()
-        for t in tickets:
-            async for ev in service.watch(t.job_id, timeout_s=1800):
-                if ev.terminal:
-                    if ev.status != "done":
-                        raise RuntimeError(f"job {t.job_id} {ev.status}: {ev.error}")
-                    break
-        return time.perf_counter() - t0, list(state.batcher.passes)
+            async with serving_worker(service.rt, ("toon",), models=models) as (state, _):
+                await wait_done(service, tickets)
+                elapsed = time.perf_counter() - t0
+        return elapsed, list(state.batcher.passes)
     finally:
-        await stop_workers(workers, tasks)
-        await state.stop()
         await service.close()
+
+
+async def wait_done(service: ToonService, tickets: list) -> None:
+    for t in tickets:
+        async for ev in service.watch(t.job_id, timeout_s=1800):
+            if ev.terminal:
+                if ev.status != "done":
+                    raise RuntimeError(f"job {t.job_id} {ev.status}: {ev.error}")
+                break
 
 
 async def main_async(args: argparse.Namespace) -> None:

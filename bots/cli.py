@@ -41,11 +41,8 @@ async def _run_front_end(name: str, service, token: str, stop: asyncio.Event) ->
 async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio.Event | None = None) -> None:
     """Run the given front ends (and a worker) on one service until SIGINT/SIGTERM or ``stop``."""
     from backend import metrics
-    from backend.batching import ProjectionBatcher
-    from backend.model_cache import ModelCache
-    from backend.runtime import QUEUE_NAMES
     from backend.service import ToonService
-    from backend.worker import WorkerState, make_workers, stop_workers
+    from backend.worker import serving_worker
 
     settings = Settings.from_env()
     stop = stop or asyncio.Event()
@@ -55,38 +52,41 @@ async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio
             loop.add_signal_handler(sig, stop.set)
     service = await ToonService.open(settings)
     metrics.serve(settings.metrics_port)
-    state, workers, tasks = None, [], []
     try:
-        if with_worker:
-            import torch
-
-            device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            state = WorkerState(rt=service.rt, models=ModelCache(device), batcher=ProjectionBatcher())
-            await state.start()
-            workers = make_workers(state)
-            tasks += [asyncio.create_task(w.async_run()) for w in workers]
-            tasks.append(asyncio.create_task(metrics.watch_queues(service.rt.pool, QUEUE_NAMES)))
-        tokens = _tokens(front_ends)
-        for name in front_ends:
-            if name in tokens:
-                tasks.append(asyncio.create_task(_run_front_end(name, service, tokens[name], stop), name=name))
-            else:
+        async with contextlib.AsyncExitStack() as stack:
+            watched = []  # a task that ends early (a crashed bot or worker) ends the process
+            if with_worker:
+                _, worker_tasks = await stack.enter_async_context(serving_worker(service.rt))
+                watched += worker_tasks
+            tokens = _tokens(front_ends)
+            bots = [
+                asyncio.create_task(_run_front_end(name, service, tokens[name], stop), name=name)
+                for name in front_ends
+                if name in tokens
+            ]
+            for name in set(front_ends) - set(tokens):
                 log.warning("%s_TOKEN is not set: the %s bot does not start", name.upper(), name)
-        print(
-            f"toonify: serving ({', '.join(sorted(tokens)) or 'no bots'}{', worker' if with_worker else ''}); "
-            f"Redis {service.rt.redis.url}, database {settings.database_url}",
-            file=sys.stderr,
-        )
-        waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not waiter and t.exception() is not None:
-                raise t.exception()
+            print(
+                f"toonify: serving ({', '.join(sorted(tokens)) or 'no bots'}{', worker' if with_worker else ''}); "
+                f"Redis {service.rt.redis.url}, database {settings.database_url}",
+                file=sys.stderr,
+            )
+            waiter = asyncio.create_task(stop.wait())
+            try:
+                done, _ = await asyncio.wait([waiter, *watched, *bots], return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if t is not waiter and t.exception() is not None:
+                        raise t.exception()
+            finally:
+                stop.set()  # the bots stop on their own; what has not after a grace period is cancelled
+                waiter.cancel()
+                if bots:
+                    await asyncio.wait(bots, timeout=10)
+                for t in bots:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
     finally:
-        stop.set()
-        await stop_workers(workers, tasks)
-        if state is not None:
-            await state.stop()
         await service.close()
 
 

@@ -3,7 +3,6 @@ with the bundled demo models. Also photos to feed it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 from collections.abc import AsyncIterator
@@ -12,11 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.batching import ProjectionBatcher
 from backend.model_cache import ModelCache
 from backend.progress import ProgressEvent
 from backend.service import Actor, ToonService
-from backend.worker import WorkerState, make_workers, stop_workers
+from backend.worker import WorkerState, serving_worker
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "astronaut.png"
 
@@ -44,15 +42,8 @@ def actor(n: int = 1, admin: bool = False) -> Actor:
 
 @contextlib.asynccontextmanager
 async def running_worker(service: ToonService, queues: tuple[str, ...] = ("toon",)) -> AsyncIterator[WorkerState]:
-    state = WorkerState(rt=service.rt, models=ModelCache("cpu"), batcher=ProjectionBatcher())
-    await state.start()
-    workers = make_workers(state, queues)
-    tasks = [asyncio.create_task(w.async_run()) for w in workers]
-    try:
+    async with serving_worker(service.rt, queues, models=ModelCache("cpu")) as (state, _):
         yield state
-    finally:
-        await stop_workers(workers, tasks)
-        await state.stop()
 
 
 async def events_until_done(service: ToonService, job_id: str, timeout_s: float = 240) -> list[ProgressEvent]:
