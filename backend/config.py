@@ -49,6 +49,8 @@ class Settings:
     models_dir: Path | None = None  # None: the models bundled with the package
     worker_heartbeat_ttl_s: int = 10  # a worker silent this long is dead: its running jobs go back to the queue
     metrics_port: int | None = None  # Prometheus /metrics on this port (workers and bots); None: off
+    shutdown_grace_s: int = 30  # on SIGTERM, workers and bots let running work finish for this long
+    redis_retry_s: int = 60  # a worker keeps reconnecting to a lost Redis this long, then exits non-zero
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -88,6 +90,8 @@ class Settings:
             models_dir=Path(models_dir).expanduser().absolute() if models_dir else None,
             worker_heartbeat_ttl_s=_get(env, "TOONIFY_WORKER_HEARTBEAT_TTL_S", _positive_int, 10),
             metrics_port=_get(env, "TOONIFY_METRICS_PORT", _port, None),
+            shutdown_grace_s=_get(env, "TOONIFY_SHUTDOWN_GRACE_S", _non_negative_int, 30),
+            redis_retry_s=_get(env, "TOONIFY_REDIS_RETRY_S", _positive_int, 60),
         )
 
 
@@ -110,6 +114,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
     return value
 
 

@@ -21,6 +21,7 @@ def test_defaults_need_no_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     q = s.quotas
     assert (q.user_active, q.user_daily, q.community_daily, q.max_queue) == (2, 50, 1000, 200)
     assert (s.job_timeout_s, s.toon_max_jobs, s.finetune_max_jobs) == (600, 8, 1)
+    assert (s.shutdown_grace_s, s.redis_retry_s) == (30, 60)
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -40,6 +41,8 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         "TOONIFY_TOON_MAX_JOBS": "2",
         "TOONIFY_FINETUNE_MAX_JOBS": "3",
         "TOONIFY_MODELS_DIR": str(tmp_path / "models"),
+        "TOONIFY_SHUTDOWN_GRACE_S": "0",
+        "TOONIFY_REDIS_RETRY_S": "9",
     }
     s = Settings.from_env(env)
     assert s.data_dir == tmp_path / "d"
@@ -51,6 +54,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert (q.user_active, q.user_daily, q.community_daily, q.max_queue) == (3, 4, 5, 6)
     assert (s.job_timeout_s, s.toon_max_jobs, s.finetune_max_jobs) == (7, 2, 3)
     assert s.models_dir == tmp_path / "models"
+    assert (s.shutdown_grace_s, s.redis_retry_s) == (0, 9)
 
 
 def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
@@ -71,6 +75,8 @@ def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
         ("DATABASE_URL", "not a url"),
         ("DATABASE_URL", "mysql://u@h/db"),
         ("REDIS_URL", "http://localhost:6379"),
+        ("TOONIFY_SHUTDOWN_GRACE_S", "-1"),
+        ("TOONIFY_REDIS_RETRY_S", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
