@@ -336,3 +336,48 @@ class CachedLatent(Base):
     data: Mapped[bytes] = mapped_column(sa.LargeBinary)  # safetensors bytes of the [F, num_ws, w_dim] latents
     created_at: Mapped[datetime] = _created_at()
     expires_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class Delivery(Base):
+    """Where one request's result goes (a chat, its progress message), and which bot process carries it now.
+
+    The lease (``lease_owner`` until ``lease_until``) is renewed by its holder while it runs; a delivery whose
+    lease lapsed (its process died) or was released (its process stopped) is taken over by another bot process
+    of the same platform. ``finished_at`` is set once the progress message shows its final state."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (sa.Index(None, "platform", "finished_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(_fk("jobs.id", "CASCADE"), index=True)
+    platform: Mapped[Platform] = mapped_column(str_enum(Platform))
+    chat_id: Mapped[str] = mapped_column(sa.String(64))  # Telegram chat, Discord channel
+    progress_message_id: Mapped[str] = mapped_column(sa.String(64))
+    reply_to: Mapped[str | None] = mapped_column(sa.String(64))  # the command's message, where there is one
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)  # platform details (topic, user to mention, …)
+    locale: Mapped[str] = mapped_column(sa.String(16), default="en")
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_until: Mapped[datetime | None]
+    failures: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = _created_at()
+    finished_at: Mapped[datetime | None]
+
+    items: Mapped[list[DeliveryItem]] = relationship(
+        back_populates="delivery", cascade="all, delete-orphan", passive_deletes=True, order_by="DeliveryItem.position"
+    )
+
+
+class DeliveryItem(Base):
+    """One photo of a result (0: the composite, 1…: the face crops); ``sent_at`` only once the platform confirmed."""
+
+    __tablename__ = "delivery_items"
+    __table_args__ = (sa.UniqueConstraint("delivery_id", "position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(_fk("deliveries.id", "CASCADE"))
+    position: Mapped[int]
+    name: Mapped[str] = mapped_column(sa.String(64))
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    sent_at: Mapped[datetime | None]
+
+    delivery: Mapped[Delivery] = relationship(back_populates="items")
