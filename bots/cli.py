@@ -4,6 +4,9 @@
 SQLite when ``DATABASE_URL`` is unset), runs a worker, and starts each bot whose token is set
 (``TELEGRAM_TOKEN``, ``DISCORD_TOKEN``). ``toonify bot telegram|discord`` runs one front end alone, for
 deployments where workers run elsewhere.
+
+SIGTERM or SIGINT stops both gracefully and exits 0: no new updates or commands are taken, running commands get
+``TOONIFY_SHUTDOWN_GRACE_S`` to finish, and deliveries still unfinished then are carried on by the next start.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from backend.config import Settings
 from backend.logs import configure_logging
 
 FRONT_ENDS = ("telegram", "discord")
+BOT_STOP_MARGIN_S = 30  # beyond the grace period: closing the platform connections
 log = logging.getLogger("toonify")
 
 
@@ -78,10 +82,12 @@ async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio
                     if t is not waiter and t.exception() is not None:
                         raise t.exception()
             finally:
-                stop.set()  # the bots stop on their own; what has not after a grace period is cancelled
+                # The bots stop taking updates and give their running commands shutdown_grace_s to finish (what
+                # is left is released, for the next start to carry on); the worker stops after them.
+                stop.set()
                 waiter.cancel()
                 if bots:
-                    await asyncio.wait(bots, timeout=10)
+                    await asyncio.wait(bots, timeout=settings.shutdown_grace_s + BOT_STOP_MARGIN_S)
                 for t in bots:
                     t.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):

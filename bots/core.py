@@ -6,6 +6,11 @@ replies, progress and errors as :class:`Reply` objects. Progress goes into one m
 ``progress_interval_s`` and never with unchanged content; the result is sent as a new message with buttons for
 the next step. Button actions are short strings (Telegram's callback data holds at most 64 bytes):
 ``b:<level>`` re-blend my last toon, ``v:<poll>:<option>`` vote, ``c:<job>`` cancel.
+
+Results are delivered through :mod:`backend.delivery`: following a job records where its result goes, each photo
+is marked sent once the platform confirmed it, and a restarted bot (:func:`keep_deliveries`) carries on what a
+stopped or dead one left: it watches the job again, sends the photos not yet sent, and finishes the progress
+message. On shutdown, :func:`drain` lets running commands finish within a grace period.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from backend import metrics
+from backend.delivery import Address, DeliveryBook, DeliveryRecord
 from backend.errors import ServiceError
 from backend.service import Actor, Place, PollInfo, ToonService
 from bots.strings import STRINGS, t
@@ -55,6 +61,7 @@ class Reply:
     images: list[tuple[str, bytes]] = field(default_factory=list)  # (filename, PNG bytes)
     buttons: list[list[Button]] = field(default_factory=list)  # rows of buttons
     ephemeral: bool = False  # only the actor sees it, where the platform can do that
+    continues: bool = False  # more photos of the result just sent: no reply to the command again
 
     def same_as(self, other: Reply | None) -> bool:
         return other is not None and (self.text, self.buttons) == (other.text, other.buttons) and not self.images
@@ -64,12 +71,15 @@ class Conversation(Protocol):
     """How the core talks back on one platform, in one chat, for one command or button press."""
 
     upload_limit: int  # bytes the platform lets the bot download for this actor
+    photos_per_message: int  # how many photos one sent message carries (each message is confirmed whole)
 
     async def send(self, reply: Reply) -> Any: ...  # returns a handle for edit()
 
     async def edit(self, handle: Any, reply: Reply) -> None: ...
 
     async def working(self) -> None: ...  # a "typing…" hint; a no-op where there is none
+
+    def address(self, handle: Any) -> Address | None: ...  # where a message is, for a restarted bot; None: nowhere
 
 
 @dataclass(frozen=True)
@@ -113,10 +123,18 @@ def _eta(seconds: float | None) -> str:
 class CommandCore:
     """``await core.run(command, conversation)`` and ``await core.press(action, actor, place, conversation)``."""
 
-    def __init__(self, service: ToonService, *, progress_interval_s: float = 1.5, working_every_s: float = 4.0):
+    def __init__(
+        self,
+        service: ToonService,
+        *,
+        progress_interval_s: float = 1.5,
+        working_every_s: float = 4.0,
+        deliveries: DeliveryBook | None = None,
+    ):
         self.service = service
         self.progress_interval_s = progress_interval_s
         self.working_every_s = working_every_s
+        self.deliveries = deliveries or DeliveryBook(service.rt)
 
     # ------------------------------------------------------------------------------------------ dispatch
 
@@ -195,7 +213,7 @@ class CommandCore:
             cmd.actor, cmd.place, data, style=style, blend=blend, mode=mode or "balanced"
         )
         note = t("already", cmd.locale) if ticket.duplicate else None
-        await self.follow(ticket.job_id, conv, cmd.locale, note=note, redeliver=ticket.duplicate)
+        await self.follow(ticket.job_id, conv, cmd.locale, note=note)
 
     async def _download(self, cmd: Command, conv: Conversation) -> bytes | None:
         up = cmd.upload
@@ -223,7 +241,7 @@ class CommandCore:
         self, actor: Actor, place: Place | None, level: int, conv: Conversation, locale: str, style: str | None = None
     ) -> None:
         ticket = await self.service.reblend(actor, place, level, style=style)
-        await self.follow(ticket.job_id, conv, locale, redeliver=ticket.duplicate)
+        await self.follow(ticket.job_id, conv, locale)
 
     async def _style(self, cmd: Command, conv: Conversation) -> None:
         name = cmd.options.get("name") or (cmd.args[0] if cmd.args else None)
@@ -309,23 +327,51 @@ class CommandCore:
 
     # ------------------------------------------------------------------------------------------ progress
 
-    async def follow(
-        self, job_id: str, conv: Conversation, locale: str, note: str | None = None, *, redeliver: bool = False
-    ) -> None:
-        """One message edited with progress until the job ends, then the result or the error.
+    async def follow(self, job_id: str, conv: Conversation, locale: str, note: str | None = None) -> None:
+        """One message edited with progress until the job ends, then the result (or the error) and a final edit.
 
-        The result is sent once per request: several processes following one job claim the delivery, and
-        only the winner sends. ``redeliver`` (the person asked for the same thing again) sends it regardless."""
-        cancel = [[Button(t("button_cancel", locale), f"c:{job_id}")]]
+        Where the conversation has an address, the delivery is recorded first, so that a bot restarted halfway
+        carries it on (:meth:`resume`). Every request gets its result, a repeated one too."""
+        cancel = self._cancel_buttons(job_id, locale)
         first = Reply((note + "\n" if note else "") + t("starting", locale), buttons=cancel)
         handle = await conv.send(first)
-        shown, last_edit, last_working = first, time.monotonic(), 0.0
-        final = None
+        address = conv.address(handle)
+        delivery_id = await self.deliveries.open(job_id, address, locale) if address is not None else None
+        await self._carry(job_id, conv, handle, locale, delivery_id, shown=first)
+
+    async def resume(self, record: DeliveryRecord, conv: Conversation, handle: Any) -> None:
+        """Carry on a delivery this process took over from a stopped or dead one."""
+        log.info(
+            "resuming the delivery of job %s to %s %s", record.job_id, record.address.platform, record.address.chat_id
+        )
+        await self._carry(record.job_id, conv, handle, record.locale, record.id, shown=None)
+
+    async def _carry(
+        self, job_id: str, conv: Conversation, handle: Any, locale: str, delivery_id: int | None, shown: Reply | None
+    ) -> None:
+        try:
+            final = await self._watch(job_id, conv, handle, locale, shown)
+            await self._conclude(job_id, final, conv, handle, locale, delivery_id)
+        except asyncio.CancelledError:
+            if delivery_id is not None:  # shutting down: whoever starts next takes it over at once
+                await asyncio.shield(self.deliveries.release(delivery_id))
+            raise
+        except Exception:
+            if delivery_id is not None:  # tried again later (a bounded number of times)
+                await self.deliveries.fail(delivery_id)
+            raise
+
+    def _cancel_buttons(self, job_id: str, locale: str) -> list[list[Button]]:
+        return [[Button(t("button_cancel", locale), f"c:{job_id}")]]
+
+    async def _watch(self, job_id: str, conv: Conversation, handle: Any, locale: str, shown: Reply | None):
+        """Progress edits (throttled, never unchanged) until the job ends; returns its last event (None: no end)."""
+        cancel = self._cancel_buttons(job_id, locale)
+        last_edit, last_working = (time.monotonic() if shown else 0.0), 0.0
         async with contextlib.aclosing(self.service.watch(job_id, timeout_s=3600)) as events:
             async for ev in events:
                 if ev.terminal:
-                    final = ev
-                    break
+                    return ev
                 now = time.monotonic()
                 if now - last_working >= self.working_every_s:
                     last_working = now
@@ -336,6 +382,12 @@ class CommandCore:
                     continue  # throttled, and never an identical edit
                 await self._safe_edit(conv, handle, reply)
                 shown, last_edit = reply, now
+        return None
+
+    async def _conclude(
+        self, job_id: str, final, conv: Conversation, handle: Any, locale: str, delivery_id: int | None
+    ) -> None:
+        """The result (its unsent photos), then the progress message's final state, then the delivery is done."""
         if final is None or final.status != "done":
             text = (
                 t("cancelled", locale)
@@ -343,16 +395,8 @@ class CommandCore:
                 else t("failed", locale, error=(final.error if final else "no answer from the workers"))
             )
             await self._safe_edit(conv, handle, Reply(text))
-            return
-        if shown.text != t("stage_upload", locale):  # else it says so already; "Done." drops the cancel button
-            await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))
-        claimed = await self.service.claim_delivery(job_id)
-        if not claimed and not redeliver:
-            return  # another front end process already delivered it
-        await self._deliver(job_id, final.result or {}, conv, handle, locale)
-
-    async def _deliver(self, job_id: str, result: dict, conv: Conversation, handle: Any, locale: str) -> None:
-        if "checkpoint" in result:  # a fine-tune
+        elif "checkpoint" in (final.result or {}):  # a fine-tune
+            result = final.result
             text = t(
                 "finetune_done",
                 locale,
@@ -361,17 +405,47 @@ class CommandCore:
                 steps=result.get("steps"),
             )
             await self._safe_edit(conv, handle, Reply(text))
-            return
+        else:
+            await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))  # no cancel button any more
+            if not await self._send_result(job_id, conv, locale, delivery_id):
+                return  # another process holds the delivery now: it finishes it
+            await self._safe_edit(conv, handle, Reply(t("delivered", locale)))
+        if delivery_id is not None:
+            await self.deliveries.finish(delivery_id)
+
+    async def _send_result(self, job_id: str, conv: Conversation, locale: str, delivery_id: int | None) -> bool:
+        """Send the photos not yet sent, a message at a time, each marked sent once the platform confirmed it.
+        False when this process lost the delivery's lease on the way (it must not send then)."""
         out = await self.service.result(job_id)
+        photos = [("toon.png", out.composite)] + [(f"face{i + 1}.png", c) for i, c in enumerate(out.crops)]
+        if delivery_id is not None:
+            items = await self.deliveries.items(delivery_id)
+            pending = [(it.position, it.id) for it in items if not it.sent and it.position < len(photos)]
+        else:
+            pending = [(i, None) for i in range(len(photos))]
+        per_message = max(1, conv.photos_per_message)
+        for start in range(0, len(pending), per_message):
+            batch = pending[start : start + per_message]
+            if delivery_id is not None and not await self.deliveries.keep(delivery_id):
+                log.warning("job %s: the delivery was taken over by another process; leaving it", job_id)
+                return False
+            images = [photos[position] for position, _ in batch]
+            if batch[0][0] == 0:  # the composite carries the text and the buttons
+                await conv.send(self._result_reply(out, locale, images))
+            else:
+                await conv.send(Reply("", images=images, continues=True))
+            if delivery_id is not None:
+                await self.deliveries.mark_sent([item_id for _, item_id in batch])
+        return True
+
+    def _result_reply(self, out, locale: str, images: list[tuple[str, bytes]]) -> Reply:
         blend = out.spec.get("resolution", "?")
         key = "done" if out.faces <= 1 else "done_faces"
         text = t(key, locale, style=out.style, blend=blend, faces=out.faces)
         if out.too_small:
             text += t("too_small_note", locale, n=out.too_small)
-        images = [("toon.png", out.composite)] + [(f"face{i + 1}.png", c) for i, c in enumerate(out.crops)]
         buttons = [[Button(t("button_blend", locale, level=lv), f"b:{lv}") for lv in BLEND_BUTTONS if lv != blend]]
-        await conv.send(Reply(text, images=images, buttons=buttons))
-        await self._safe_edit(conv, handle, Reply(t("delivered", locale)))  # the progress message is finished
+        return Reply(text, images=images, buttons=buttons)
 
     @staticmethod
     async def _safe_edit(conv: Conversation, handle: Any, reply: Reply) -> None:
@@ -397,3 +471,46 @@ class CommandCore:
 async def run_command(core: CommandCore, cmd: Command, conv: Conversation) -> asyncio.Task:
     """Run a command in its own task (a slow toon must never block the front end's update loop)."""
     return asyncio.create_task(core.run(cmd, conv), name=f"/{cmd.name} by {cmd.actor.user_id}")
+
+
+async def keep_deliveries(
+    core: CommandCore,
+    platform: str,
+    reopen: Callable[[DeliveryRecord], tuple[Conversation, Any]],
+    keep: Callable[[asyncio.Task], None],
+    stop: asyncio.Event,
+) -> None:
+    """Until ``stop``: renew this process's delivery leases, and take over the deliveries of ``platform`` that a
+    stopped or dead process left (at once, then every third of a lease). ``reopen`` makes the conversation and
+    progress-message handle of a recorded delivery; ``keep`` tracks the task that carries it on."""
+    book = core.deliveries
+    while not stop.is_set():
+        try:
+            await book.renew()
+            for record in await book.claim_orphans(platform):
+                try:
+                    conv, handle = reopen(record)
+                except Exception:
+                    log.exception("delivery %s cannot be reopened; giving it up", record.id)
+                    await book.finish(record.id)
+                    continue
+                keep(asyncio.create_task(core.resume(record, conv, handle), name=f"resume delivery {record.id}"))
+        except Exception:  # the database blinked: try again next round, the leases outlive a round
+            log.warning("renewing or claiming deliveries failed", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), book.lease_s / 3)
+
+
+async def drain(tasks: set[asyncio.Task], grace_s: float) -> int:
+    """Let running command tasks finish for up to ``grace_s``, then cancel the rest (their deliveries are released
+    for the next process). Returns how many were cancelled."""
+    deadline = time.monotonic() + grace_s
+    while tasks and (left := deadline - time.monotonic()) > 0:
+        await asyncio.wait(list(tasks), timeout=left)  # tasks started meanwhile are waited for too
+    late = [t for t in tasks if not t.done()]
+    for task in late:
+        task.cancel()
+    if late:
+        log.info("%d command(s) still running after %.0f s: stopped; a restarted bot carries on", len(late), grace_s)
+        await asyncio.gather(*late, return_exceptions=True)
+    return len(late)

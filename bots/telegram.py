@@ -37,9 +37,20 @@ from telegram.constants import ChatAction, ChatMemberStatus, ChatType
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, CallbackQueryHandler, MessageHandler, filters
 
+from backend.delivery import Address, DeliveryRecord
 from backend.errors import BadInputError
 from backend.service import Actor, Place, ToonService
-from bots.core import ORIGIN, Command, CommandCore, Reply, Upload, parse_text_command, run_command
+from bots.core import (
+    ORIGIN,
+    Command,
+    CommandCore,
+    Reply,
+    Upload,
+    drain,
+    keep_deliveries,
+    parse_text_command,
+    run_command,
+)
 from bots.strings import t
 
 log = logging.getLogger("toonify.bots.telegram")
@@ -99,6 +110,8 @@ def _not_modified(e: BadRequest) -> bool:
 class TelegramConversation:
     """The core's Conversation in one chat: for a command (replies answer its message) or a button press."""
 
+    photos_per_message = 1  # each photo is its own message (only the first carries text and buttons)
+
     def __init__(
         self,
         bot: Bot,
@@ -148,7 +161,10 @@ class TelegramConversation:
             await self.answer()
         if not reply.images:
             msg = await self.bot.send_message(
-                self.chat_id, _fit(reply.text, TEXT_LIMIT), reply_markup=_keyboard(reply), **self._where()
+                self.chat_id,
+                _fit(reply.text, TEXT_LIMIT),
+                reply_markup=_keyboard(reply),
+                **self._where(reply=not reply.continues),
             )
             return MessageRef(self.chat_id, msg.message_id, media=False)
         return await self._send_images(reply)
@@ -182,6 +198,26 @@ class TelegramConversation:
     async def working(self) -> None:
         await self.bot.send_chat_action(self.chat_id, ChatAction.UPLOAD_PHOTO, message_thread_id=self.thread_id)
 
+    def address(self, handle: Any) -> Address | None:
+        if not isinstance(handle, MessageRef):
+            return None  # an ephemeral reply (a toast): nothing to come back to
+        extra = {"thread_id": self.thread_id, "media": handle.media, "upload_limit": self.upload_limit}
+        reply_to = str(self.reply_to) if self.reply_to is not None else None
+        return Address("telegram", str(handle.chat_id), str(handle.message_id), reply_to, extra)
+
+    @classmethod
+    def reopen(cls, bot: Bot, record: DeliveryRecord) -> tuple[TelegramConversation, MessageRef]:
+        """The conversation and progress message of a recorded delivery (after a restart)."""
+        a = record.address
+        conv = cls(
+            bot,
+            int(a.chat_id),
+            upload_limit=int(a.extra.get("upload_limit") or DOWNLOAD_LIMIT),
+            reply_to=int(a.reply_to) if a.reply_to else None,
+            thread_id=a.extra.get("thread_id"),
+        )
+        return conv, MessageRef(int(a.chat_id), int(a.progress_message_id), bool(a.extra.get("media")))
+
     # ------------------------------------------------------------------ helpers
 
     def _where(self, *, reply: bool = True) -> dict[str, Any]:
@@ -194,7 +230,9 @@ class TelegramConversation:
         """The first image carries the text and the buttons; the others (face crops) follow as plain photos."""
         (name, data), *rest = reply.images
         fits = _utf16_len(reply.text) <= CAPTION_LIMIT
-        first = await self._send_image(name, data, reply.text if fits else None, _keyboard(reply), self._where())
+        caption = (reply.text or None) if fits else None
+        where = self._where(reply=not reply.continues)
+        first = await self._send_image(name, data, caption, _keyboard(reply), where)
         if not fits:
             await self.bot.send_message(self.chat_id, _fit(reply.text, TEXT_LIMIT), **self._where(reply=False))
         for extra_name, extra in rest:
@@ -266,7 +304,7 @@ class TelegramFrontEnd:
         conv = TelegramConversation(
             bot, chat.id, upload_limit=self.upload_limit, reply_to=msg.message_id, thread_id=thread
         )
-        self._keep(await run_command(self.core, cmd, conv))
+        self.keep(await run_command(self.core, cmd, conv))
 
     async def on_button(self, update: Update, context: Any) -> None:
         query = update.callback_query
@@ -288,7 +326,7 @@ class TelegramFrontEnd:
         )
         actor = await self._actor(context.bot, user, chat, None)
         press = self._press(query.data, actor, self._place(chat), conv, user.language_code or "en")
-        self._keep(asyncio.create_task(press, name=f"button {query.data} by {user.id}"))
+        self.keep(asyncio.create_task(press, name=f"button {query.data} by {user.id}"))
 
     async def on_error(self, update: object, context: Any) -> None:
         log.error("telegram update failed: %s", update, exc_info=context.error)
@@ -339,7 +377,7 @@ class TelegramFrontEnd:
 
     # ------------------------------------------------------------------ tasks
 
-    def _keep(self, task: asyncio.Task) -> None:
+    def keep(self, task: asyncio.Task) -> None:
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -347,11 +385,6 @@ class TelegramFrontEnd:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed", task.get_name(), exc_info=task.exception())
-
-    async def cancel_tasks(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def _is_admin(bot: Bot, user: User, chat: Chat, msg: Message | None) -> bool:
@@ -391,19 +424,28 @@ async def run_telegram(
     base_url: str | None = None,
     base_file_url: str | None = None,
 ) -> None:
-    """Long-poll Telegram with ``token`` until ``stop`` is set, then stop polling, the running commands, the app."""
+    """Long-poll Telegram with ``token`` until ``stop`` is set; then stop polling, let the running commands finish
+    for ``shutdown_grace_s`` (what is left is released for the next start to carry on), and stop the app."""
     base_url = base_url or os.environ.get("TELEGRAM_API_BASE_URL") or None
     base_file_url = base_file_url or os.environ.get("TELEGRAM_FILE_BASE_URL") or None
     local = bool(base_url) and not base_url.startswith(PUBLIC_API)
-    front = TelegramFrontEnd(CommandCore(service), upload_limit=LOCAL_DOWNLOAD_LIMIT if local else DOWNLOAD_LIMIT)
+    core = CommandCore(service)
+    front = TelegramFrontEnd(core, upload_limit=LOCAL_DOWNLOAD_LIMIT if local else DOWNLOAD_LIMIT)
     app = build_application(token, base_url=base_url, base_file_url=base_file_url)
     front.install(app)
+    stop_resuming = asyncio.Event()
     async with app:
         try:
             await app.bot.set_my_commands([BotCommand(name, text) for name, text in COMMANDS.items()])
         except TelegramError as e:  # the menu is a nicety: the bot works without it
             log.warning("setMyCommands failed: %s", e)
         await app.start()
+        resuming = asyncio.create_task(
+            keep_deliveries(
+                core, "telegram", lambda r: TelegramConversation.reopen(app.bot, r), front.keep, stop_resuming
+            ),
+            name="telegram deliveries",
+        )
         try:
             await app.updater.start_polling(
                 timeout=POLL_TIMEOUT_S, allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY]
@@ -411,7 +453,9 @@ async def run_telegram(
             log.info("telegram: polling as @%s", app.bot.username)
             await stop.wait()
         finally:
-            if app.updater.running:
+            if app.updater.running:  # no new updates; those fetched so far are confirmed and still handled
                 await app.updater.stop()
-            await front.cancel_tasks()  # their jobs go on in the workers; only the live progress stops
+            stop_resuming.set()
+            await resuming
+            await drain(front.tasks, service.rt.settings.shutdown_grace_s)
             await app.stop()
