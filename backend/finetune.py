@@ -19,7 +19,9 @@ import sqlalchemy as sa
 
 from backend.db.models import Blob, BlobKind, Dataset, Job, StyleModel, StyleStatus
 from backend.errors import BadInputError, JobCancelledError
-from backend.progress import ProgressEvent, publish
+from backend.ledger import record_blob
+from backend.progress import JobProgress, ProgressEvent, publish
+from backend.worker_state import WorkerState
 
 BATCH = 8
 MIN_IMAGES = 8
@@ -63,10 +65,8 @@ def _copy_atomic(src: Path, dst: Path) -> Path:
     return dst
 
 
-async def _post_snapshot(w, job: Job, row: dict, work: Path, total: int) -> None:
+async def _post_snapshot(w: WorkerState, job: Job, row: dict, work: Path, total: int) -> None:
     """Store the snapshot's preview grid as a blob and publish it with the metrics summary."""
-    from backend.worker import record_blob
-
     rt, sha = w.rt, None
     preview = work / row["preview"] if row.get("preview") else None
     if preview is not None and preview.is_file():
@@ -86,9 +86,8 @@ async def _post_snapshot(w, job: Job, row: dict, work: Path, total: int) -> None
     await publish(rt.pool, event)
 
 
-async def run_finetune(w, job: Job) -> dict[str, Any]:
+async def run_finetune(w: WorkerState, job: Job) -> dict[str, Any]:
     """Fine-tune the base model on the job's dataset; the style row becomes a draft pointing at the result."""
-    from backend.worker import JobProgress
     from gan.checkpoints import read_checkpoint
     from gan.finetune import DatasetRefusedError, FinetuneRun, IdentityMeter, ingest
 
@@ -99,7 +98,7 @@ async def run_finetune(w, job: Job) -> dict[str, Any]:
         blob = await s.get(Blob, dataset.blob_id) if dataset and dataset.blob_id else None
     if style is None or blob is None or not rt.blobs.exists(blob.sha256):
         raise BadInputError("the dataset or style of this fine-tune is gone")
-    progress = w.progress[job.id] = JobProgress(rt, job.id)
+    progress = w.progress[job.id] = JobProgress(rt.pool, job.id)
     loop = asyncio.get_running_loop()
     device, base_path = w.models.device, w.base_models.base
 

@@ -23,9 +23,11 @@ from redis.asyncio import Redis
 from backend.redis import LuaScript
 
 __all__ = [
+    "PROGRESS_EVERY_S",
     "STATE_TTL_S",
     "STATUSES",
     "TERMINAL_STATUSES",
+    "JobProgress",
     "ProgressEvent",
     "channel",
     "latest",
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 STATUSES = frozenset({"queued", "running", "done", "failed", "cancelled"})
 TERMINAL_STATUSES = frozenset({"done", "failed", "cancelled"})
 STATE_TTL_S = 86_400
+PROGRESS_EVERY_S = 0.25  # a job publishes progress at most this often (its first and last step always go out)
 
 
 def state_key(job_id: str) -> str:
@@ -233,3 +236,38 @@ async def watch(
                     return
     finally:
         await pubsub.aclose()
+
+
+class JobProgress:
+    """A running job's progress reporter: publishes (stage, step, total) at most every PROGRESS_EVERY_S, never an
+    unchanged event. Called on the event loop (threads use ``loop.call_soon_threadsafe``). A publish that fails
+    (Redis gone for a moment) is logged and dropped: progress is advisory, the SQL row is the truth."""
+
+    def __init__(self, redis: Redis, job_id: str) -> None:
+        self.redis, self.job_id, self.last, self.sent = redis, job_id, 0.0, None
+        self.pending: set[asyncio.Task] = set()
+        self.current: tuple[str, int] = ("start", 0)  # unthrottled: where the job is right now
+
+    def __call__(self, stage: str, step: int, total: int, message: str | None = None) -> None:
+        self.current = (stage, step)
+        now = time.monotonic()
+        key = (stage, step, total)
+        if key == self.sent or (now - self.last < PROGRESS_EVERY_S and step not in (0, total)):
+            return
+        self.last, self.sent = now, key
+        event = ProgressEvent(
+            job_id=self.job_id, status="running", stage=stage, step=step, total=total, message=message
+        )
+        task = asyncio.get_running_loop().create_task(self._publish(event))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _publish(self, event: ProgressEvent) -> None:
+        try:
+            await publish(self.redis, event)
+        except Exception as exc:
+            log.warning("progress of job %s not published: %s", self.job_id, exc)
+
+    async def flush(self) -> None:
+        if self.pending:
+            await asyncio.gather(*self.pending, return_exceptions=True)

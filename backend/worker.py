@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import logging
-import os
 import signal
-import socket
-import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
 import sqlalchemy as sa
 import torch
 from arq import Retry
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.cron import cron
 from arq.worker import Worker, func
 from PIL import Image
 from safetensors.torch import load as st_load
@@ -44,12 +39,14 @@ from backend.batching import ProjectionBatcher
 from backend.config import Settings
 from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
 from backend.errors import BadInputError, JobCancelledError
+from backend.finetune import run_finetune
 from backend.ledger import STATS_KEY, enqueue, record_blob
 from backend.logs import JOB_ID
-from backend.model_cache import BaseModels, ModelCache, base_models_from_manifest
-from backend.progress import ProgressEvent, publish
+from backend.model_cache import ModelCache
+from backend.progress import JobProgress, ProgressEvent, publish
 from backend.redis import redis_settings
 from backend.runtime import QUEUE_NAMES, Runtime, open_runtime
+from backend.worker_state import WorkerState, heartbeat_key, reconcile
 from gan.align import FaceTooSmallError, NoFaceError
 from gan.blending import BlendSpec
 from gan.encoder import generator_hash
@@ -57,152 +54,48 @@ from gan.imageio import BadImageError, decode_image
 from gan.projection import ProjectionCancelledError
 
 log = logging.getLogger("toonify.worker")
-MAX_TRIES = 3
-PROGRESS_EVERY_S = 0.25  # progress events per job at most this often (the last step always goes out)
+MAX_TRIES = 3  # attempts that end in an error before a job fails for good
+MAX_ATTEMPTS = 10  # claims of one job (errors, interruptions, dead workers) before it fails for good
+HAND_BACK_WAIT_S = 15.0  # after the grace period: how long jobs get to reach their next step and hand back
+MAINTENANCE_SECONDS = {0}  # arq cron: expiry and poll deadlines once a minute, by one worker of the fleet
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
 
 
-def heartbeat_key(worker_id: str) -> str:
-    return f"toonify:worker:{worker_id}"
+class RedisLostError(ConnectionError):
+    """The worker lost Redis and it did not come back within ``redis_retry_s``: exit, let a supervisor restart."""
 
 
-def job_seed(job_id: str, face: int) -> int:
-    """Per-face seed from the job id: the same photo projects the same alone, in a batch or on a retry."""
-    return int.from_bytes(hashlib.sha256(f"{job_id}:{face}".encode()).digest()[:4], "little")
-
-
-@dataclass
-class WorkerState:
-    """What every job function of one worker process shares (``ctx['toonify']``)."""
-
-    rt: Runtime
-    models: ModelCache
-    batcher: ProjectionBatcher
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
-    cancel_events: dict[str, threading.Event] = field(default_factory=dict)
-    tasks: list[asyncio.Task] = field(default_factory=list)
-    progress: dict[str, JobProgress] = field(default_factory=dict)  # running jobs' progress trackers
-    cancel_seen_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # job -> (stage, step) at the flag
-
-    @property
-    def heartbeat_ttl_s(self) -> int:
-        return self.rt.settings.worker_heartbeat_ttl_s
-
-    @property
-    def base_models(self) -> BaseModels:
-        return base_models_from_manifest(self.rt.models_dir)
-
-    def cancel_event(self, job_id: str) -> threading.Event:
-        return self.cancel_events.setdefault(job_id, threading.Event())
-
-    def request_cancel(self, job_id: str) -> None:
-        p = self.progress.get(job_id)
-        if job_id not in self.cancel_seen_at and p is not None:
-            self.cancel_seen_at[job_id] = p.current
-        self.cancel_event(job_id).set()
-
-    async def check_cancel(self, job_id: str) -> None:
-        if self.cancel_event(job_id).is_set() or await ledger.cancel_requested(self.rt, job_id):
-            self.request_cancel(job_id)
-            p = self.progress.get(job_id)
-            raise JobCancelledError(f"cancelled between stages, after {p.current[0] if p else 'start'}")
-
-    async def start(self) -> None:
-        await self.rt.pool.set(heartbeat_key(self.worker_id), b"1", ex=self.heartbeat_ttl_s)
-        await reconcile(self.rt)
-        self.tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
-        self.tasks.append(asyncio.create_task(self._reconcile_forever(), name="reconcile"))
-        self.tasks.append(asyncio.create_task(self._maintain_forever(), name="maintenance"))
-        self.tasks.append(asyncio.create_task(self._listen_cancel(), name="cancel-listener"))
-
-    async def stop(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        await self.batcher.close()
-        with contextlib.suppress(Exception):
-            await self.rt.pool.delete(heartbeat_key(self.worker_id))
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await self.rt.pool.set(heartbeat_key(self.worker_id), b"1", ex=self.heartbeat_ttl_s)
-            await asyncio.sleep(self.heartbeat_ttl_s / 4)
-
-    async def _reconcile_forever(self) -> None:
-        """A worker that dies mid-job is noticed by the survivors once its heartbeat key expires."""
-        while True:
-            await asyncio.sleep(self.heartbeat_ttl_s / 2)
-            try:
-                await reconcile(self.rt)
-            except Exception:  # a hiccup of Redis or SQL: try again next round
-                log.exception("reconcile failed")
-
-    async def _maintain_forever(self, every_s: float = 60.0) -> None:
-        """Expire old selfies, results and latents; close polls past their deadline. Safe in every worker."""
-        from backend.service import ToonService
-
-        service = ToonService(self.rt)
-        while True:
-            try:
-                await service.expire()
-                await service.close_due_polls()
-            except Exception:
-                log.exception("maintenance failed")
-            await asyncio.sleep(every_s)
-
-    async def _listen_cancel(self) -> None:
-        pubsub = self.rt.pool.pubsub()
-        await pubsub.subscribe(ledger.CANCEL_CHANNEL)
-        try:
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if msg is not None:
-                    job_id = msg["data"].decode() if isinstance(msg["data"], bytes) else str(msg["data"])
-                    self.request_cancel(job_id)
-        finally:
-            await pubsub.aclose()
-
-
-async def reconcile(rt: Runtime) -> dict[str, int]:
-    """Hand back jobs of dead workers and re-enqueue queued jobs Redis no longer holds; returns counts."""
-    counts = {"requeued": 0, "reenqueued": 0}
-    async with rt.sessions() as s:
-        rows = (await s.scalars(sa.select(Job).where(Job.status.in_(ledger.ACTIVE)))).all()
-    pool = rt.pool
-    for job in rows:
-        if job.status == JobStatus.RUNNING:
-            if job.worker_id and await pool.exists(heartbeat_key(job.worker_id)):
-                continue  # its worker is alive (maybe on another machine)
-            await ledger.requeue(rt, job, error="the worker running this job stopped; retrying")
-            await pool.delete(in_progress_key_prefix + job.id)  # arq would wait out the job timeout otherwise
-            counts["requeued"] += 1
-        queue = QUEUE_NAMES["finetune" if job.kind == JobKind.FINETUNE else "toon"]
-        if await pool.zscore(queue, job.id) is None or not await pool.exists(job_key_prefix + job.id):
-            await pool.delete(job_key_prefix + job.id)
-            await enqueue(pool, job)
-            counts["reenqueued"] += 1
-    return counts
+def face_seeds(faces: int) -> list[int]:
+    """Seed per face: the face's index, as ``toonify toon`` uses. The same photo gives the same pixels in every
+    run, alone or in a batch (each face has its own generator), whatever the job's random id."""
+    return list(range(faces))
 
 
 # ------------------------------------------------------------------------------------------------ toon job
 
 
 async def toon_job(ctx: dict, job_id: str) -> str:
-    """arq entry point for ``toon`` and ``reblend`` jobs; returns the job's final status."""
-    w: WorkerState = ctx["toonify"]
-    return await _run(w, job_id, ctx.get("job_try", 1), _toon_or_preview)
+    """arq entry point for ``toon``, ``reblend`` and ``preview`` jobs; returns the job's final status."""
+    return await _run(ctx["toonify"], job_id, _toon_or_preview)
 
 
 async def finetune_job(ctx: dict, job_id: str) -> str:
     """arq entry point for ``finetune`` jobs (see backend.finetune)."""
-    from backend.finetune import run_finetune
-
-    w: WorkerState = ctx["toonify"]
-    return await _run(w, job_id, ctx.get("job_try", 1), run_finetune)
+    return await _run(ctx["toonify"], job_id, run_finetune)
 
 
-async def _run(w: WorkerState, job_id: str, job_try: int, body) -> str:
+async def maintenance(ctx: dict) -> dict[str, int]:
+    """arq cron job: expire old selfies, results and latents; close polls past their deadline. arq runs each
+    tick once for the whole fleet (the cron job's id is its tick)."""
+    from backend.service import ToonService
+
+    service = ToonService(ctx["toonify"].rt)
+    expired = await service.expire()
+    closed = await service.close_due_polls()
+    return {"expired_rows": expired.rows, "closed_polls": len(closed)}
+
+
+async def _run(w: WorkerState, job_id: str, body) -> str:
     JOB_ID.set(job_id)  # every log line of this job (its task, its threads) carries the id
     rt = w.rt
     job = await ledger.claim(rt, job_id, w.worker_id)
@@ -215,11 +108,19 @@ async def _run(w: WorkerState, job_id: str, job_try: int, body) -> str:
             await ledger.finish(rt, row, JobStatus.CANCELLED, error="cancelled before it started")
             return JobStatus.CANCELLED.value
         return row.status.value
-    await publish(rt.pool, ProgressEvent(job_id=job.id, status="running", stage="start"))
+    if job.attempts > MAX_ATTEMPTS:  # a job that kills its worker every time must not loop for ever
+        await ledger.finish(rt, job, JobStatus.FAILED, error=f"failed after {MAX_ATTEMPTS} attempts (interrupted)")
+        return JobStatus.FAILED.value
+    w.running.add(job.id)
+    with contextlib.suppress(*REDIS_ERRORS):
+        await publish(rt.pool, ProgressEvent(job_id=job.id, status="running", stage="start"))
     t0 = time.perf_counter()
     try:
         result = await body(w, job)
     except JobCancelledError as e:
+        if job.id in w.handing_back and not await w.cancel_flag(job.id):
+            await _hand_back(rt, job)
+            raise Retry(defer=0) from e  # arq keeps the job queued, ready for the next worker
         seen = w.cancel_seen_at.get(job.id)
         note = f" (cancel seen at {seen[0]} step {seen[1]})" if seen else ""
         await ledger.finish(rt, job, JobStatus.CANCELLED, error=f"{e}{note}")
@@ -227,60 +128,48 @@ async def _run(w: WorkerState, job_id: str, job_try: int, body) -> str:
     except BadInputError as e:
         await ledger.finish(rt, job, JobStatus.FAILED, error=str(e))
         return JobStatus.FAILED.value
-    except asyncio.CancelledError:  # arq abort or job timeout: the row must not stay "running"
-        asked = await asyncio.shield(ledger.cancel_requested(rt, job.id))  # else arq's job timeout fired
-        status = JobStatus.CANCELLED if asked else JobStatus.FAILED
-        error = "cancelled" if status == JobStatus.CANCELLED else "stopped: it ran past the job timeout"
-        await asyncio.shield(ledger.finish(rt, job, status, error=error))
+    except asyncio.CancelledError:  # shutdown past the grace period, an arq abort, or arq's job timeout
+        if w.stopping:  # arq keeps a job cancelled this way queued ("will be run again")
+            await asyncio.shield(_hand_back(rt, job))
+        elif await asyncio.shield(w.cancel_flag(job.id)):
+            await asyncio.shield(ledger.finish(rt, job, JobStatus.CANCELLED, error="cancelled"))
+        else:
+            error = "stopped: it ran past the job timeout"
+            await asyncio.shield(ledger.finish(rt, job, JobStatus.FAILED, error=error))
         raise
     except Exception as e:  # transient (device, disk, network): retry with back-off, then give up
         log.exception("job %s attempt %d failed", job.id, job.attempts)
         if job.attempts < MAX_TRIES:
-            await ledger.requeue(rt, job, error=f"retrying after an error: {e}")
+            await _hand_back(rt, job, error=f"retrying after an error: {e}")
             raise Retry(defer=timedelta(seconds=2**job.attempts)) from e
         await ledger.finish(rt, job, JobStatus.FAILED, error=f"failed after {job.attempts} attempts: {e}")
         return JobStatus.FAILED.value
     finally:
+        w.running.discard(job.id)
+        w.handing_back.discard(job.id)
         w.cancel_events.pop(job.id, None)
         w.progress.pop(job.id, None)
         w.cancel_seen_at.pop(job.id, None)
     await ledger.finish(rt, job, JobStatus.DONE, result=result)
     if job.kind != JobKind.FINETUNE:
-        await _record_duration(rt, time.perf_counter() - t0)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await _record_duration(rt, time.perf_counter() - t0)
     return JobStatus.DONE.value
+
+
+async def _hand_back(rt: Runtime, job: Job, error: str = "the worker stopped; it will run again") -> None:
+    """running → queued. When SQL is away too, the row stays ``running`` under this worker, and reconcile hands
+    it back once this worker's heartbeat is gone (or at once, from this worker's own reconcile round)."""
+    try:
+        await ledger.requeue(rt, job, error=error)
+    except Exception as exc:
+        log.warning("could not hand job %s back now (%s); reconcile will", job.id, exc)
 
 
 async def _record_duration(rt: Runtime, seconds: float) -> None:
     old = await rt.pool.get(STATS_KEY)
     value = seconds if old is None else 0.8 * float(old) + 0.2 * seconds
     await rt.pool.set(STATS_KEY, str(value))
-
-
-class JobProgress:
-    """Publishes a job's (stage, step, total) at most every PROGRESS_EVERY_S, never an unchanged event."""
-
-    def __init__(self, rt: Runtime, job_id: str) -> None:
-        self.rt, self.job_id, self.last, self.sent = rt, job_id, 0.0, None
-        self.pending: set[asyncio.Task] = set()
-        self.current: tuple[str, int] = ("start", 0)  # unthrottled: where the job is right now
-
-    def __call__(self, stage: str, step: int, total: int, message: str | None = None) -> None:
-        self.current = (stage, step)
-        now = time.monotonic()
-        key = (stage, step, total)
-        if key == self.sent or (now - self.last < PROGRESS_EVERY_S and step not in (0, total)):
-            return
-        self.last, self.sent = now, key
-        event = ProgressEvent(
-            job_id=self.job_id, status="running", stage=stage, step=step, total=total, message=message
-        )
-        task = asyncio.get_running_loop().create_task(publish(self.rt.pool, event))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-
-    async def flush(self) -> None:
-        if self.pending:
-            await asyncio.gather(*self.pending, return_exceptions=True)
 
 
 async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
@@ -293,7 +182,7 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
 
 async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) -> dict[str, Any]:
     rt, p = w.rt, job.params
-    progress = w.progress[job.id] = JobProgress(rt, job.id)
+    progress = w.progress[job.id] = JobProgress(rt.pool, job.id)
     async with rt.sessions() as s:
         blob = await s.get(Blob, job.input_blob_id) if job.input_blob_id else None
         style = await s.get(StyleModel, p["style_id"])
@@ -332,7 +221,7 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
                 tf,
                 crops,
                 mode,
-                seeds=[job_seed(job.id, i) for i in range(len(aligned))],
+                seeds=face_seeds(len(aligned)),
                 progress=lambda step, total: progress("project", step, total),
                 cancelled=w.cancel_event(job.id),
             )
@@ -466,16 +355,23 @@ async def _store_latents(rt: Runtime, user_id: int, sha: str, base_hash: str, mo
 
 
 def make_workers(
-    w: WorkerState, queues: tuple[str, ...] = ("toon", "finetune"), *, burst: bool = False
+    w: WorkerState,
+    queues: tuple[str, ...] = ("toon", "finetune"),
+    *,
+    burst: bool = False,
+    maintenance_seconds: set[int] | None = None,
 ) -> list[Worker]:
-    """arq Workers (one per queue) sharing ``w``; run them with ``await worker.async_run()``."""
+    """arq Workers (one per queue) sharing ``w``; the first also runs the maintenance cron job."""
     s = w.rt.settings
     made = []
     for queue in queues:
         fn = toon_job if queue == "toon" else finetune_job
+        crons = [] if made else [cron(maintenance, second=maintenance_seconds or MAINTENANCE_SECONDS, timeout=300)]
         made.append(
             Worker(
-                functions=[func(fn, name=queue, max_tries=MAX_TRIES + 1)],
+                # arq's own retry budget is only a backstop: the SQL ledger decides (MAX_TRIES, MAX_ATTEMPTS)
+                functions=[func(fn, name=queue, max_tries=MAX_ATTEMPTS + MAX_TRIES)],
+                cron_jobs=crons,
                 queue_name=QUEUE_NAMES[queue],
                 redis_settings=redis_settings(w.rt.redis.url),
                 ctx={"toonify": w},
@@ -496,30 +392,144 @@ def default_device(settings: Settings) -> str:
     return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class QueueSupervisor:
+    """Runs the arq workers of one process; restarts one whose Redis connection broke, once Redis answers again.
+
+    arq's poll loop ends at the first failed Redis call. The jobs it started keep running (they are their own
+    tasks, and their results go to SQL), so the supervisor waits for Redis with back-off, reconciles (a Redis that
+    restarted empty has forgotten the queue) and starts a fresh arq worker. If Redis stays away longer than
+    ``redis_retry_s``, running jobs are handed back and RedisLostError ends the process with a non-zero status.
+    """
+
+    def __init__(self, state: WorkerState, queues: tuple[str, ...], maintenance_seconds: set[int] | None) -> None:
+        self.state, self.queues, self.maintenance_seconds = state, queues, maintenance_seconds
+        self.workers: list[Worker] = []  # every arq worker started, current and replaced (their jobs may run on)
+        self.restarts = 0
+
+    async def run(self) -> None:
+        rt = self.state.rt
+        while True:
+            current = make_workers(self.state, self.queues, maintenance_seconds=self.maintenance_seconds)
+            self.workers += current
+            tasks = [
+                asyncio.create_task(wk.async_run(), name=f"arq-{q}") for wk, q in zip(current, self.queues, strict=True)
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for t in tasks:
+                    t.cancel()
+            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            if not errors:
+                return  # burst mode: the queues are empty
+            if not isinstance(errors[0], REDIS_ERRORS):
+                raise errors[0]
+            for wk in current:
+                wk.allow_pick_jobs = False
+            log.warning("lost Redis at %s (%s); reconnecting", _safe_url(rt.redis.url), errors[0])
+            await self._wait_for_redis()
+            self.restarts += 1
+            log.warning("Redis at %s is back: reconciling and serving again", _safe_url(rt.redis.url))
+            await reconcile(rt, own=self.state)
+
+    async def _wait_for_redis(self) -> None:
+        rt, limit = self.state.rt, self.state.rt.settings.redis_retry_s
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + limit, 0.25
+        while True:
+            try:
+                await rt.pool.ping()
+                return
+            except REDIS_ERRORS:
+                if loop.time() >= deadline:
+                    break
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                pause = min(pause * 2, 5.0)
+        handed = self.state.hand_back_all()
+        self.state.stopping = True
+        await self.wait_for_jobs(HAND_BACK_WAIT_S)
+        raise RedisLostError(
+            f"lost the Redis at {_safe_url(rt.redis.url)} and it did not come back within {limit} s "
+            f"({len(handed)} running job(s) handed back); exiting so a supervisor restarts the worker"
+        )
+
+    def running_tasks(self) -> list[asyncio.Task]:
+        return [t for wk in self.workers for t in wk.tasks.values() if not t.done()]
+
+    async def wait_for_jobs(self, timeout_s: float) -> bool:
+        """True when every job task of every arq worker ended within ``timeout_s``."""
+        pending = self.running_tasks()
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        return not self.running_tasks()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking jobs; let running ones finish for ``grace_s``, then hand back the rest at their next step."""
+        self.state.stopping = True
+        for wk in self.workers:
+            wk.allow_pick_jobs = False
+        if self.running_tasks():
+            log.info("shutting down: %d job(s) running, waiting up to %s s", len(self.state.running), grace_s)
+        if not await self.wait_for_jobs(grace_s):
+            handed = self.state.hand_back_all()
+            log.info("grace period over: handing back %s", ", ".join(handed) or "nothing")
+            await self.wait_for_jobs(HAND_BACK_WAIT_S)
+
+    async def close(self) -> None:
+        """Cancel what is left (it is handed back too) and close arq's connections."""
+        for wk in self.workers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await wk.close()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable as a URL: show only its scheme
+        return url.split("://", 1)[0] + "://…"
+
+
 @contextlib.asynccontextmanager
 async def serving_worker(
-    rt: Runtime, queues: tuple[str, ...] = ("toon", "finetune"), *, models: ModelCache | None = None
+    rt: Runtime,
+    queues: tuple[str, ...] = ("toon", "finetune"),
+    *,
+    models: ModelCache | None = None,
+    maintenance_seconds: set[int] | None = None,
 ) -> AsyncIterator[tuple[WorkerState, list[asyncio.Task]]]:
-    """A worker serving ``queues`` on ``rt`` inside this event loop, stopped on exit: the one way the worker
-    process, ``toonify up``/``submit``, the benchmarks and the tests run one. Yields the state and the
-    running tasks (a task that ends early means the worker died)."""
+    """A worker serving ``queues`` on ``rt`` inside this event loop: the one way the worker process, ``toonify
+    up``/``submit``, the benchmarks and the tests run one. Yields the state and the running tasks (one that ends
+    means the worker gave up: Redis lost for good, or a bug). On exit it drains: no new jobs, running jobs get
+    ``settings.shutdown_grace_s`` to finish, the rest are handed back to the queue."""
     state = WorkerState(rt=rt, models=models or ModelCache(default_device(rt.settings)), batcher=ProjectionBatcher())
     await state.start()
-    workers = make_workers(state, queues)
-    tasks = [asyncio.create_task(wk.async_run()) for wk in workers]
+    supervisor = QueueSupervisor(state, queues, maintenance_seconds)
+    tasks = [asyncio.create_task(supervisor.run(), name="arq-supervisor")]
     tasks.append(asyncio.create_task(metrics.watch_queues(rt.pool, QUEUE_NAMES)))
     log.info("worker %s serving %s", state.worker_id, ", ".join(queues))
     try:
         yield state, tasks
     finally:
-        await stop_workers(workers, tasks)
-        await state.stop()
+        try:
+            await supervisor.drain(rt.settings.shutdown_grace_s)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await supervisor.close()
+            await state.stop()
 
 
 async def run_worker(
     settings: Settings, queues: tuple[str, ...] = ("toon", "finetune"), *, stop: asyncio.Event | None = None
 ) -> None:
-    """Run a worker process until ``stop`` is set (or SIGTERM/SIGINT arrives)."""
+    """Run a worker process until ``stop`` is set or SIGTERM/SIGINT arrives, then drain (see serving_worker).
+    Raises RedisLostError when Redis stays away past ``redis_retry_s``."""
     rt = await open_runtime(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -530,31 +540,25 @@ async def run_worker(
     try:
         async with serving_worker(rt, queues) as (_, tasks):
             waiter = asyncio.create_task(stop.wait())
-            await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+            for t in done:
+                if t is not waiter and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
     finally:
         await rt.close()
 
 
-async def stop_workers(workers: list[Worker], tasks: list[asyncio.Task]) -> None:
-    """Stop arq workers started with ``async_run`` tasks; a job cut short stays in its queue for a retry."""
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
-    for wk in workers:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await wk.close()
-
-
 __all__ = [
+    "QueueSupervisor",
+    "RedisLostError",
     "WorkerState",
     "enqueue",
+    "face_seeds",
+    "heartbeat_key",
     "make_workers",
     "reconcile",
     "run_worker",
     "serving_worker",
-    "stop_workers",
     "toon_job",
 ]
