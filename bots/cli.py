@@ -23,7 +23,7 @@ from backend.config import Settings
 from backend.logs import configure_logging
 
 FRONT_ENDS = ("telegram", "discord")
-BOT_STOP_MARGIN_S = 30  # beyond the grace period: closing the platform connections
+BOT_STOP_MARGIN_S = 45  # beyond the grace period: a photo on its way (bots.core.IN_FLIGHT_WAIT_S), closing
 log = logging.getLogger("toonify")
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("toonify.bots")
 MODES = ("fast", "balanced", "quality")
 BLEND_BUTTONS = (8, 16, 32, 64)
 ORIGIN = "origin"  # Conversation.edit(ORIGIN, …): the message whose button was pressed
+IN_FLIGHT_WAIT_S = 30.0  # at shutdown, how long a message already on its way may take to be confirmed
 
 
 @dataclass(frozen=True)
@@ -431,12 +432,17 @@ class CommandCore:
                 return False
             images = [photos[position] for position, _ in batch]
             if batch[0][0] == 0:  # the composite carries the text and the buttons
-                await conv.send(self._result_reply(out, locale, images))
+                reply = self._result_reply(out, locale, images)
             else:
-                await conv.send(Reply("", images=images, continues=True))
-            if delivery_id is not None:
-                await self.deliveries.mark_sent([item_id for _, item_id in batch])
+                reply = Reply("", images=images, continues=True)
+            item_ids = [item_id for _, item_id in batch if item_id is not None]
+            await _finish_in_flight(self._send_and_mark(conv, reply, item_ids))
         return True
+
+    async def _send_and_mark(self, conv: Conversation, reply: Reply, item_ids: list[int]) -> None:
+        await conv.send(reply)
+        if item_ids:
+            await self.deliveries.mark_sent(item_ids)
 
     def _result_reply(self, out, locale: str, images: list[tuple[str, bytes]]) -> Reply:
         blend = out.spec.get("resolution", "?")
@@ -466,6 +472,18 @@ class CommandCore:
             return t(key, locale, bar=progress_bar(ev.step, ev.total), step=ev.step or 0, total=ev.total or 0)
         except KeyError:
             return t("starting", locale)
+
+
+async def _finish_in_flight(step: Awaitable[None]) -> None:
+    """Run ``step`` (send a message, then mark its photos sent) to its end even when the caller is cancelled at
+    shutdown, for up to :data:`IN_FLIGHT_WAIT_S`: a photo on its way is neither cut off nor sent twice later."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, IN_FLIGHT_WAIT_S)
+        raise
 
 
 async def run_command(core: CommandCore, cmd: Command, conv: Conversation) -> asyncio.Task:

@@ -13,6 +13,8 @@ What it models (enough for PTB to parse every answer into its own objects):
 * ``getFile`` plus downloads under ``/file/bot<token>/<file_path>``, ``answerCallbackQuery``;
 * ``getChatMember``, ``getChatAdministrators``, ``setMyCommands``, ``getMyCommands``, ``deleteMyCommands``.
 
+:meth:`FakeTelegram.slow_down` makes a method answer late (a slow upload), to widen the window of a test.
+
 Errors use the real API's status codes and descriptions: 401 for a wrong token, 404 for an unknown method,
 400 "message is not modified", "message to edit not found", "chat not found", "file is too big", and injected
 429s with ``retry_after`` (:meth:`FakeTelegram.fail_next`).
@@ -327,6 +329,7 @@ class FakeTelegram:
         self._queries: dict[str, bool] = {}  # callback query id -> answered
         self._commands: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._failures: dict[str, deque[ApiError]] = defaultdict(deque)
+        self._delays: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._closing = False
         self._runner: web.AppRunner | None = None
@@ -537,6 +540,12 @@ class FakeTelegram:
         for _ in range(times):
             self._failures[method.lower()].append(ApiError(error_code, description, parameters))
 
+    def slow_down(self, method: str, seconds: float) -> None:
+        """Answer every later call of ``method`` only after ``seconds`` (0: at once again). The call is recorded on
+        arrival and takes effect after the delay even when the client has gone meanwhile, like a request that
+        reached Telegram just before the bot died."""
+        self._delays[method.lower()] = seconds
+
     @property
     def pending_updates(self) -> int:
         return sum(1 for u in self._updates if u["update_id"] > self._delivered_update_id)
@@ -613,6 +622,8 @@ class FakeTelegram:
             failures = self._failures.get(method.lower())
             if failures:
                 raise failures.popleft()
+            if self._delays.get(method.lower()):
+                await asyncio.shield(asyncio.sleep(self._delays[method.lower()]))
             call.result = await handler(call.params, call.files)
         except ApiError as error:
             call.status, call.result = error.error_code, error.description
