@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -37,8 +38,9 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from backend.delivery import Address, DeliveryRecord
 from backend.service import Actor, Place, ToonService
-from bots.core import ORIGIN, Command, CommandCore, Reply, Upload, run_command
+from bots.core import ORIGIN, Command, CommandCore, Reply, Upload, drain, keep_deliveries, run_command
 from bots.strings import t
 
 log = logging.getLogger("toonify.bots.discord")
@@ -130,7 +132,7 @@ def _edit_kwargs(reply: Reply, limit: int) -> dict[str, Any]:
 
 
 def _send_kwargs(reply: Reply, limit: int) -> dict[str, Any]:
-    kw: dict[str, Any] = {"content": _fit(reply.text)}
+    kw: dict[str, Any] = {"content": _fit(reply.text)} if reply.text else {}  # more photos of a result: no text
     view = _view(reply)
     if view is not None:
         kw["view"] = view
@@ -154,6 +156,8 @@ class Sent:
 
 class DiscordConversation:
     """The core's Conversation for one interaction (a slash command or a button press)."""
+
+    photos_per_message = MAX_FILES
 
     def __init__(
         self,
@@ -221,7 +225,7 @@ class DiscordConversation:
             except discord.HTTPException:
                 log.info("could not edit the deferred message %s; posting a new one", self._original_id)
         kw = self._for_send(reply)
-        kw["content"] = _fit(f"{it.user.mention} {kw['content']}")  # out of the interaction's context: say whom
+        kw["content"] = _fit(f"{it.user.mention} {kw.get('content', '')}")  # out of the interaction: say whom
         msg = await channel.send(**kw, allowed_mentions=discord.AllowedMentions(users=[it.user]))
         return Sent(msg.id, by_bot=True)
 
@@ -250,6 +254,48 @@ class DiscordConversation:
 
     async def working(self) -> None:
         """Nothing: the deferred "thinking" message and the progress edits already show it."""
+
+    def address(self, handle: Any) -> Address | None:
+        channel_id = self.interaction.channel_id
+        if not isinstance(handle, Sent) or handle.ephemeral or channel_id is None:
+            return None  # only its own interaction could edit an ephemeral message
+        extra = {"user_id": str(self.interaction.user.id), "upload_limit": self.upload_limit}
+        return Address("discord", str(channel_id), str(handle.message_id), None, extra)
+
+
+class ChannelConversation:
+    """The core's Conversation for a delivery taken over after a restart: the interaction is gone, so messages go
+    through the channel with the bot token, mentioning the person who asked."""
+
+    photos_per_message = MAX_FILES
+
+    def __init__(self, bot: commands.Bot, channel_id: int, user_id: int, upload_limit: int) -> None:
+        self.channel = bot.get_partial_messageable(channel_id)
+        self.user = discord.Object(user_id)
+        self.upload_limit = upload_limit
+
+    @classmethod
+    def reopen(cls, bot: commands.Bot, record: DeliveryRecord) -> tuple[ChannelConversation, Sent]:
+        a = record.address
+        limit = int(a.extra.get("upload_limit") or DEFAULT_UPLOAD_LIMIT)
+        conv = cls(bot, int(a.chat_id), int(a.extra.get("user_id") or 0), limit)
+        return conv, Sent(int(a.progress_message_id), by_bot=True)
+
+    async def send(self, reply: Reply) -> Sent:
+        kw = _send_kwargs(reply, self.upload_limit)
+        if not reply.continues:
+            kw["content"] = _fit(f"<@{self.user.id}> {kw.get('content', '')}")
+        msg = await self.channel.send(**kw, allowed_mentions=discord.AllowedMentions(users=[self.user]))
+        return Sent(msg.id, by_bot=True)
+
+    async def edit(self, handle: Any, reply: Reply) -> None:
+        await self.channel.get_partial_message(handle.message_id).edit(**_edit_kwargs(reply, self.upload_limit))
+
+    async def working(self) -> None:
+        """Nothing: the progress edits show it."""
+
+    def address(self, handle: Any) -> Address | None:
+        return None  # its delivery is recorded already
 
 
 # ---------------------------------------------------------------------------------------------- the cog
@@ -300,10 +346,11 @@ class ToonCog(commands.Cog, name=COG_NAME):
     def __init__(self, core: CommandCore) -> None:
         self.core = core
         self.tasks: set[asyncio.Task] = set()
+        self.accepting = True  # False while stopping: new commands are told to come back in a minute
 
     # ------------------------------------------------------------------ plumbing
 
-    def _keep(self, task: asyncio.Task) -> None:
+    def keep(self, task: asyncio.Task) -> None:
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -312,12 +359,18 @@ class ToonCog(commands.Cog, name=COG_NAME):
         if not task.cancelled() and task.exception() is not None:  # the core answers errors; this is a lost reply
             log.error("%s failed", task.get_name(), exc_info=task.exception())
 
-    async def shutdown(self, grace_s: float = 2.0) -> None:
-        """Stop the conversations still running (their jobs go on in the workers)."""
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace_s)
+    async def shutdown(self, grace_s: float) -> None:
+        """Take no new commands; let the running ones finish for ``grace_s``, then stop them (their jobs go on in
+        the workers, their deliveries are carried on by the next start)."""
+        self.accepting = False
+        await drain(self.tasks, grace_s)
+
+    async def _refuse_while_stopping(self, interaction: discord.Interaction) -> bool:
+        if self.accepting:
+            return False
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.response.send_message(t("restarting", str(interaction.locale)), ephemeral=True)
+        return True
 
     async def _run(
         self,
@@ -329,6 +382,8 @@ class ToonCog(commands.Cog, name=COG_NAME):
         upload: Upload | None = None,
         ephemeral: bool = False,
     ) -> None:
+        if await self._refuse_while_stopping(interaction):
+            return
         answer = await interaction.response.defer(thinking=True, ephemeral=ephemeral)  # first: the 3-second rule
         conv = DiscordConversation(
             interaction,
@@ -345,10 +400,12 @@ class ToonCog(commands.Cog, name=COG_NAME):
             locale=str(interaction.locale),
             options=options or {},
         )
-        self._keep(await run_command(self.core, cmd, conv))
+        self.keep(await run_command(self.core, cmd, conv))
 
     async def press(self, interaction: discord.Interaction, action: str) -> None:
         """A button: acknowledge without a new message (the core's replies are followups), then the core."""
+        if await self._refuse_while_stopping(interaction):
+            return
         try:
             await interaction.response.defer()
         except discord.HTTPException as e:  # too late (10062) or already answered: the user can press again
@@ -357,7 +414,7 @@ class ToonCog(commands.Cog, name=COG_NAME):
         conv = DiscordConversation(interaction, fills_original=False)
         actor, place, locale = actor_of(interaction), place_of(interaction), str(interaction.locale)
         task = asyncio.create_task(self.core.press(action, actor, place, conv, locale), name=f"button {action}")
-        self._keep(task)
+        self.keep(task)
 
     # ------------------------------------------------------------------ everyone
 
@@ -508,7 +565,8 @@ async def run_discord(
     gateway_url: str | None = None,
     guild_ids: list[int] | None = None,
 ) -> None:
-    """Run the Discord bot on ``service`` until ``stop`` is set, then close it cleanly."""
+    """Run the Discord bot on ``service`` until ``stop`` is set; then refuse new commands, let the running ones
+    finish for ``shutdown_grace_s`` (what is left is carried on by the next start), and close."""
     api_base_url = api_base_url or os.environ.get("DISCORD_API_BASE_URL") or None
     gateway_url = gateway_url or os.environ.get("DISCORD_GATEWAY_URL") or None
     guild_ids = _env_guild_ids() if guild_ids is None else guild_ids
@@ -520,9 +578,17 @@ async def run_discord(
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
     bot = build_bot(service, guild_ids, sharded=sharded)
     gateway: asyncio.Task | None = None
+    resuming: asyncio.Task | None = None
+    stop_resuming = asyncio.Event()
     stopping = asyncio.create_task(stop.wait())
     try:
         await bot.login(token)
+        cog = bot.get_cog(COG_NAME)
+        if isinstance(cog, ToonCog):  # deliveries a stopped or dead process left: carried on through the channel
+            reopen = functools.partial(ChannelConversation.reopen, bot)
+            resuming = asyncio.create_task(
+                keep_deliveries(cog.core, "discord", reopen, cog.keep, stop_resuming), name="discord deliveries"
+            )
         gateway = asyncio.create_task(bot.connect(reconnect=True), name="discord gateway")
         await asyncio.wait({gateway, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if gateway.done() and not stop.is_set():
@@ -530,9 +596,12 @@ async def run_discord(
             raise RuntimeError("the Discord gateway connection ended")
     finally:
         stopping.cancel()
+        stop_resuming.set()
+        if resuming is not None:
+            await resuming
         cog = bot.get_cog(COG_NAME)
         if isinstance(cog, ToonCog):
-            await cog.shutdown()
+            await cog.shutdown(service.rt.settings.shutdown_grace_s)
         await bot.close()
         if gateway is not None:
             await asyncio.wait({gateway}, timeout=10)  # close() ends connect(); never raises here

@@ -40,6 +40,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "delivered": "Done.",
         "failed": "Sorry, that didn't work: {error}",
         "cancelled": "Cancelled.",
+        "restarting": "I'm restarting: try again in a minute.",
         "cancel_none": "You have nothing running.",
         "cancel_ok": "Stopping your job…",
         "already": "You already sent this one; here's where it stands.",

@@ -288,3 +288,33 @@ async def test_quota_then_expired_token_falls_back_to_the_channel(start_bot, mon
     assert "nosuchstyle" in reply.content
     assert not fake.find_calls(None, rf"^/webhooks/{fake.application_id}/{old['token']}")
     assert fake.unhandled == []
+
+
+@pytest.mark.asyncio
+async def test_stopping_refuses_new_commands_and_the_next_start_delivers(start_bot):
+    stack = await start_bot(TOONIFY_SHUTDOWN_GRACE_S="4")
+    fake, service = stack.fake, stack.service
+    inter = await fake.slash_command("toon", options={"mode": "fast"}, attachments=photo(astronaut(51)))
+    original = await fake.wait_for(
+        lambda: (m := fake.original_message(inter)) and m.content.startswith("Starting") and m
+    )
+    stack.stop.set()  # no worker yet: the /toon waits through the grace period, then its delivery is released
+    await asyncio.sleep(1)
+    late = await fake.slash_command("help")
+    assert (await answer(fake, late, "restarting")).ephemeral
+    await stack.stop_bot()
+    assert "toonify:c:" in str(original.components), "still queued when the bot stopped: Cancel stays"
+
+    await stack.start_bot()
+    async with running_worker(service):
+
+        def posted() -> FakeMessage | None:
+            return next((m for m in fake.messages.values() if m.via == "channel" and m.files), None)
+
+        result = await fake.wait_for(posted, timeout=120)  # the interaction is gone: through the channel
+        assert "Here you are" in result.content and f"<@{fake.user['id']}>" in result.content
+        assert len(result.files) == 2  # the composite and the face, in one message
+        await fake.wait_for(lambda: original.content == "Done.")
+        assert original.components == []
+    assert not fake.followups(inter), "the first bot sent no result"
+    assert fake.unhandled == []
