@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from gan.checkpoints.common import CheckpointData, CheckpointError, content_hash
+from gan.checkpoints.common import (
+    CheckpointData,
+    CheckpointError,
+    check_architecture,
+    check_generator_config,
+    check_state_fits,
+    content_hash,
+)
 from gan.checkpoints.native import read_native, write_native
 from gan.checkpoints.rosinality import read_rosinality, write_rosinality
 from gan.networks import Discriminator, Generator
@@ -66,6 +73,11 @@ def read_checkpoint(path: str | Path) -> CheckpointData:
         from gan.checkpoints.nvidia import read_nvidia_pickle  # imported lazily: only pickles need it
 
         data = read_nvidia_pickle(path)
+    # Readers bound the bytes their tensors declare by the file's size; the architecture is bounded here,
+    # before anything builds a network from it (the hash below only reads tensors already in memory).
+    check_generator_config(data.generator_config, str(path))
+    if data.discriminator_config is not None:
+        check_architecture(f"{path} (discriminator)", *data.discriminator_config)
     # The identity of the weights, whatever container they came in: lineage checks compare these.
     data.meta["content_hash"] = content_hash(data.generator_state)
     return data
@@ -85,6 +97,9 @@ def write_checkpoint(data: CheckpointData, path: str | Path, fmt: str | None = N
 
 
 def build_generator(data: CheckpointData, device: str | torch.device = "cpu") -> Generator:
+    check_generator_config(data.generator_config, "checkpoint")
+    with torch.device("meta"):  # names and shapes first: a mismatch is refused before the network is allocated
+        check_state_fits(data.generator_state, Generator(data.generator_config), "generator")
     G = Generator(data.generator_config)
     try:
         G.load_state_dict(data.generator_state, strict=True)
@@ -111,6 +126,8 @@ def load_discriminator(path: str | Path, device: str | torch.device = "cpu") -> 
         why = data.meta.get("discriminator_unsupported")
         raise CheckpointError(f"{path} holds no usable discriminator" + (f": {why}" if why else ""))
     res, channels = data.discriminator_config
+    with torch.device("meta"):
+        check_state_fits(data.discriminator_state, Discriminator(resolution=res, channels=channels), "discriminator")
     D = Discriminator(resolution=res, channels=channels, mbstd_group=int(data.meta.get("mbstd_group_size") or 4))
     try:
         D.load_state_dict(data.discriminator_state, strict=True)

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gan.checkpoints.common import CheckpointData, CheckpointError
+from gan.checkpoints.common import (
+    CheckpointData,
+    CheckpointError,
+    check_architecture,
+    check_declared_bytes,
+    check_generator_config,
+    check_state_fits,
+)
 from gan.checkpoints.safe_pickle import PersistentObject, TFNetworkStub, UnsafePickleError, safe_load
 from gan.networks import (
     BLUR_TAPS,
@@ -41,11 +48,12 @@ _TF_D_SUPPORTED = {**_TF_COMMON, "architecture": ("resnet", None), "mbstd_num_fe
 def read_nvidia_pickle(path: str | Path) -> CheckpointData:
     """Read an NVIDIA StyleGAN2 pickle (PyTorch or TensorFlow); :class:`CheckpointError` on anything else."""
     obj = _unpickle(path)
+    file_size = Path(path).stat().st_size  # what the tensors a network declares must fit in
     try:
         if isinstance(obj, dict) and isinstance(obj.get("G_ema", obj.get("G")), PersistentObject):
-            return _from_pytorch(obj)
+            return _from_pytorch(obj, file_size)
         if isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(n, TFNetworkStub) for n in obj):
-            return _from_tf(obj[2], obj[1])
+            return _from_tf(obj[2], obj[1], file_size)
         kind = f"dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"unexpected pickle content ({kind}); expected an NVIDIA StyleGAN2 network pickle")
     except CheckpointError as e:
@@ -89,18 +97,20 @@ def _walk(obj: Any, prefix: str, tensors: dict[str, Tensor], modules: dict[str, 
                 continue
             if not torch.is_tensor(t):
                 raise CheckpointError(f"{where}.{name} is not a tensor ({type(t).__name__})")
-            tensors[f"{prefix}{name}"] = t.detach().float().contiguous()
+            tensors[f"{prefix}{name}"] = t.detach()
     for name, sub in (obj.state.get("_modules") or {}).items():
         if sub is not None:
             _walk(sub, f"{prefix}{name}.", tensors, modules)
 
 
-def _flatten_module(obj: PersistentObject, class_name: str, supported: dict) -> tuple[dict, dict]:
+def _flatten_module(obj: PersistentObject, class_name: str, supported: dict, file_size: int) -> tuple[dict, dict]:
     if obj.class_name != class_name:
         raise CheckpointError(f"expected an NVIDIA {class_name}, found {obj.class_name or 'an unnamed object'}")
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict] = {}
     _walk(obj, "", tensors, modules)
+    check_declared_bytes(tensors.items(), file_size, f"NVIDIA {class_name}")  # before any copy below
+    tensors = {name: t.float().contiguous() for name, t in tensors.items()}
     for path, state in modules.items():
         _check(state, supported, f"{class_name} '{path.rstrip('.') or 'top level'}'")
         act = state.get("activation")
@@ -111,15 +121,15 @@ def _flatten_module(obj: PersistentObject, class_name: str, supported: dict) -> 
     return tensors, modules
 
 
-def _from_pytorch(obj: dict) -> CheckpointData:
-    tensors, modules = _flatten_module(obj.get("G_ema", obj.get("G")), "Generator", _G_SUPPORTED)
+def _from_pytorch(obj: dict, file_size: int) -> CheckpointData:
+    tensors, modules = _flatten_module(obj.get("G_ema", obj.get("G")), "Generator", _G_SUPPORTED, file_size)
     lr_mlp = float(modules.get("mapping.fc0.", {}).get("bias_gain", 0.01))  # bias_gain is the lr multiplier
     clamps = [s["conv_clamp"] for s in modules.values() if s.get("conv_clamp") is not None]
     meta: dict[str, Any] = {"source_format": "nvidia-pytorch", "conv_clamp": max(clamps, default=None)}
     data = _generator_data(tensors, lr_mlp, meta, "nvidia-pytorch")
     if isinstance(obj.get("D"), PersistentObject):
         try:
-            d_tensors, d_modules = _flatten_module(obj["D"], "Discriminator", _D_SUPPORTED)
+            d_tensors, d_modules = _flatten_module(obj["D"], "Discriminator", _D_SUPPORTED, file_size)
             group = d_modules.get("b4.mbstd.", {}).get("group_size", 4)
             _add_discriminator(data, d_tensors, None if group is None else int(group))
         except CheckpointError as e:  # the generator is still usable; say why D was left out
@@ -222,19 +232,8 @@ def _fit(sd: dict[str, Tensor], module: torch.nn.Module, what: str) -> dict[str,
             sd[name] = make_kernel(BLUR_TAPS, gain)
         elif name not in sd and no_noise and (".noise." in name or name.startswith("noises.")):
             sd[name] = torch.zeros(ref.shape)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [
-        f"{k} {list(sd[k].shape)}, want {list(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{what} weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {wrong[:5]}"
-        )
-    return {k: sd[k] for k in expected}
+    check_state_fits(sd, module, what)
+    return {k: sd[k] for k in module.state_dict()}
 
 
 def _generator_data(nv: dict[str, Tensor], lr_mlp: float, meta: dict, fmt: str) -> CheckpointData:
@@ -243,6 +242,7 @@ def _generator_data(nv: dict[str, Tensor], lr_mlp: float, meta: dict, fmt: str) 
         config = replace(generator_config_from_state_dict(sd), lr_mlp=lr_mlp)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    check_generator_config(config, "generator")  # before _fit fills noise buffers of the declared sizes
     with torch.device("meta"):  # names and shapes only: no memory, no random init
         template = Generator(config)
     return CheckpointData(
@@ -260,6 +260,7 @@ def _add_discriminator(data: CheckpointData, nv: dict[str, Tensor], mbstd_group:
         resolution, channels = discriminator_channels_from_state_dict(sd)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    check_architecture("discriminator", resolution, channels)
     with torch.device("meta"):
         template = Discriminator(resolution=resolution, channels=channels)
     data.discriminator_state = _fit(sd, template, "discriminator")
@@ -285,6 +286,9 @@ def _tf_variables(net: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], di
     if int(net.get("version", 0)) < 4:
         raise CheckpointError(f"TensorFlow network pickle version {net.get('version')} is older than StyleGAN2's")
     variables = {prefix + str(name): np.asarray(value) for name, value in net["variables"]}
+    for name, a in variables.items():  # numbers only: anything else would be converted at an unknown cost
+        if a.dtype.kind not in "fiu" or a.dtype.itemsize == 0:
+            raise CheckpointError(f"TensorFlow variable '{name}' holds {a.dtype}, not numbers")
     kwargs = dict(net.get("static_kwargs") or {})
     for name, comp in (net.get("components") or {}).items():
         sub_vars, sub_kwargs = _tf_variables(comp, f"{prefix}{name}/")
@@ -341,14 +345,22 @@ def _tf_discriminator_to_nv(tf: dict[str, np.ndarray]) -> dict[str, Tensor]:
     return nv
 
 
-def _from_tf(tf_gs: TFNetworkStub, tf_d: TFNetworkStub) -> CheckpointData:
+def _check_tf_bytes(variables: dict[str, np.ndarray], file_size: int, where: str) -> None:
+    total = sum(a.nbytes for a in variables.values())
+    if total > file_size:  # arrays unpickle from their own bytes, so this only guards crafted files
+        raise CheckpointError(f"{where}: variables hold {total} bytes, more than the file's {file_size}")
+
+
+def _from_tf(tf_gs: TFNetworkStub, tf_d: TFNetworkStub, file_size: int) -> CheckpointData:
     g_vars, g_kwargs = _tf_variables(tf_gs)
+    _check_tf_bytes(g_vars, file_size, "TensorFlow generator")
     _check(g_kwargs, _TF_G_SUPPORTED, "TensorFlow generator")
     lr_mlp = float(g_kwargs.get("mapping_lrmul") or 0.01)
     meta = {"source_format": "nvidia-tf", "conv_clamp": g_kwargs.get("conv_clamp")}
     data = _generator_data(_tf_generator_to_nv(g_vars), lr_mlp, meta, "nvidia-tf")
     try:
         d_vars, d_kwargs = _tf_variables(tf_d)
+        _check_tf_bytes(d_vars, file_size, "TensorFlow discriminator")
         _check(d_kwargs, _TF_D_SUPPORTED, "TensorFlow discriminator")
         group = d_kwargs.get("mbstd_group_size", 4)
         _add_discriminator(data, _tf_discriminator_to_nv(d_vars), None if group is None else int(group))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gan.checkpoints.common import CheckpointData, CheckpointError
+from gan.checkpoints.common import CheckpointData, CheckpointError, check_declared_bytes
 from gan.networks import discriminator_channels_from_state_dict, generator_config_from_state_dict
 
 META_KEY = "toonify"
@@ -50,16 +50,20 @@ def read_rosinality(path: str | Path) -> CheckpointData:
         if g_state is not None:
             break
     if g_state is None and isinstance(obj.get("state_dict"), dict):  # pSp / e4e: the decoder is our generator
-        g_state = {k[8:]: v for k, v in obj["state_dict"].items() if k.startswith("decoder.")} or None
+        g_state = _tensors({k[8:]: v for k, v in obj["state_dict"].items() if str(k).startswith("decoder.")})
     if g_state is None:
         g_state = _tensors(obj)
     if g_state is None or "style.1.weight" not in g_state:
         raise CheckpointError(f"{path}: no StyleGAN2 generator weights found (keys: {sorted(obj)[:8]})")
+    d_state = _tensors(obj.get("d"))
+    # torch.load keeps views as views: a stride-0 tensor costs a few bytes here and its full size in the first
+    # copy, so every tensor used must be backed by data in the file before anything is copied or built.
+    used = [*g_state.items(), *(d_state or {}).items(), *([("latent_avg", w_avg)] if w_avg is not None else [])]
+    check_declared_bytes(used, Path(path).stat().st_size, str(path))
     try:
         config = generator_config_from_state_dict(g_state)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    d_state = _tensors(obj.get("d"))
     d_cfg = None
     if d_state is not None:
         try:

@@ -51,6 +51,26 @@ class EasyDict(dict):
         self.update(state)
 
 
+def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor_v2``, refusing a tensor larger than its storage: a stride-0 view
+    declares gigabytes over a few stored bytes, and the first copy (``.contiguous()``) would allocate them."""
+    t = torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
+    if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+        raise UnsafePickleError(
+            f"a tensor of shape {list(t.shape)} declares {t.numel() * t.element_size()} bytes over a storage of "
+            f"{t.untyped_storage().nbytes()} (an expanded or overlapping tensor)"
+        )
+    return t
+
+
+def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """``numpy``'s ``_reconstruct`` as numpy's own pickles call it: an empty ndarray that ``__setstate__``
+    then fills from bytes in the file. Any other shape would allocate memory the file never backs."""
+    if subtype is not np.ndarray or tuple(shape) != (0,):
+        raise UnsafePickleError(f"numpy array reconstruction of {shape!r} is not how numpy pickles arrays")
+    return np._core.multiarray._reconstruct(np.ndarray, (0,), dtype)
+
+
 def _load_torch_bytes(b: bytes) -> Any:
     # Nested storages inside NVIDIA pickles are torch.save blobs: load them with weights_only as well.
     return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
@@ -66,11 +86,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_torch_bytes,
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
     ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
     ("numpy", "ndarray"): np.ndarray,
