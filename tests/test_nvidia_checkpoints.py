@@ -25,7 +25,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("protocol", [3, 4])  # NVIDIA wrote protocol 3 (Python 3.6-3.7) or 4
+@pytest.mark.parametrize("protocol", [2, 3, 4])  # NVIDIA wrote 3 (Python 3.6-3.7) or 4; re-saved files may be 2
 @pytest.mark.parametrize("fmt", sorted(WRITERS))
 def test_nvidia_pickle_matches_source(tmp_path: Path, fmt: str, protocol: int) -> None:
     G, D = make_tiny_generator(1), make_tiny_discriminator(2)
@@ -127,6 +127,65 @@ def test_pickle_referencing_builtins_is_refused(tmp_path: Path, fn) -> None:
     path.write_bytes(pickle.dumps({"G_ema": _Evil(fn, "__import__('os').system('false')")}, protocol=3))
     with pytest.raises(CheckpointError, match=rf"refused.*builtins\.{fn.__name__}"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_protocol_2_gives_the_same_weights_as_protocol_4(tmp_path: Path, fmt: str) -> None:
+    """Protocol 2 stores bytes (numpy array data, torch storages) as ``_codecs.encode(text, 'latin1')`` and
+    names Python 2 modules ('__builtin__.set'); the result must be bit-identical to protocol 4's."""
+    G, D = make_tiny_generator(11), make_tiny_discriminator(12)
+    old = WRITERS[fmt](tmp_path / "p2.pkl", G, D, protocol=2)
+    new = WRITERS[fmt](tmp_path / "p4.pkl", G, D, protocol=4)
+    assert b"_codecs\nencode" in old.read_bytes() and b"_codecs" not in new.read_bytes()
+    a, b = read_checkpoint(old), read_checkpoint(new)
+    assert a.generator_config == b.generator_config and a.discriminator_config == b.discriminator_config
+    for mine, theirs in ((a.generator_state, b.generator_state), (a.discriminator_state, b.discriminator_state)):
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name]), name
+    assert torch.equal(a.w_avg, b.w_avg) and a.meta["content_hash"] == b.meta["content_hash"]
+
+
+class _Encode:
+    """Pickles as ``_codecs.encode(*args)``."""
+
+    def __init__(self, *args) -> None:
+        self.args = args
+
+    def __reduce__(self):
+        import _codecs
+
+        return _codecs.encode, self.args
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (_Encode("x" * 64, "zlib_codec"), "only on text with 'latin1'"),  # a bytes-to-bytes transform
+        (_Encode("x", "rot13"), "only on text with 'latin1'"),
+        (_Encode(b"bytes", "latin1"), "only on text with 'latin1'"),
+        (_Evil(bytes, 10**12), "bytes\\(\\) with arguments"),  # would allocate a terabyte
+        (_Evil(os.system, "false"), r"posix\.system"),
+        (_Evil(builtins.eval, "1"), r"builtins\.eval"),  # written as '__builtin__ eval' by protocol 2
+    ],
+)
+def test_protocol_2_codecs_and_builtins_are_limited(tmp_path: Path, payload, message: str) -> None:
+    marker = tmp_path / "pwned"
+    net = nv_generator(make_tiny_generator(13))
+    net.state["payload"] = payload
+    path = dump({"G": net, "D": None, "G_ema": net}, tmp_path / "evil.pkl", protocol=2)
+    with pytest.raises(CheckpointError, match=f"refused.*{message}"):
+        gan.load_generator(path)
+    assert not marker.exists()
+
+
+def test_protocol_2_pickle_calling_os_system_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _Evil(os.system, f"touch {marker}")}, protocol=2))
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_truncated_pickle_is_refused(tmp_path: Path) -> None:

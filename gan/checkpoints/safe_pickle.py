@@ -7,6 +7,7 @@ functions; every other global raises :class:`UnsafePickleError` before anything 
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -71,6 +72,21 @@ def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     return np._core.multiarray._reconstruct(np.ndarray, (0,), dtype)
 
 
+def _encode_latin1(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` only as pickle protocol 2 uses it to store a bytes object: its latin-1 text back to
+    bytes. Other encodings (codecs such as zlib or rot13 run arbitrary transforms) are refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode is allowed only on text with 'latin1', not {encoding!r}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as pickle protocol 2 stores an empty bytes object; ``bytes(n)`` would allocate n bytes."""
+    if args:
+        raise UnsafePickleError("bytes() with arguments is not allowed in a checkpoint")
+    return b""
+
+
 def _load_torch_bytes(b: bytes) -> Any:
     # Nested storages inside NVIDIA pickles are torch.save blobs: load them with weights_only as well.
     return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
@@ -82,6 +98,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("dnnlib.util", "EasyDict"): EasyDict,
     ("dnnlib", "EasyDict"): EasyDict,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _encode_latin1,  # pickle protocol 2: bytes objects
+    ("builtins", "bytes"): _empty_bytes,  # pickle protocol 2: empty bytes objects
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
@@ -100,6 +118,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 
 class AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 pickles name Python 2 modules ('__builtin__.set'); map them as pickle's own
+        # find_class does, then look the Python 3 name up in the allow-list.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
