@@ -8,7 +8,9 @@ Three parts, each usable alone:
   not images are skipped and reported. Images are decoded by :func:`gan.imageio.decode_image` (pixel limit,
   truncation), de-duplicated by the hash of their decoded pixels, aligned FFHQ-style where dlib finds a face
   and centre-cropped otherwise (cartoon faces often defeat dlib), and resized to the model's resolution. The
-  choice is recorded per image in an :class:`IngestReport`; too few usable images is a refusal.
+  choice is recorded per image in an :class:`IngestReport`; too few usable images is a refusal. Kept images
+  are uint8 at the training resolution; past ``IngestLimits.max_memory_bytes`` of them they go to an unnamed
+  temporary file and the dataset is a memory map of it, so memory stays bounded whatever the file count.
 * **Metrics** (:func:`kid`, :class:`DiscriminatorFeatures`, :class:`IdentityMeter`): KID on the *base*
   discriminator's features (Inception weights are not shipped, and the report says which features were
   used), and for each candidate swap resolution how well the blended model keeps the base model's identity:
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import stat
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -90,6 +93,9 @@ class IngestLimits:
     max_ratio: float = 100.0  # uncompressed / compressed, checked for members above ratio_floor_bytes
     ratio_floor_bytes: int = 1 << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Kept images held in memory (uint8 at the training resolution, 3 MiB each at 1024 px); past this they
+    # are written to a temporary file and read back through a memory map (pages the kernel can drop).
+    max_memory_bytes: int = 1 << 30
 
 
 @dataclass
@@ -168,7 +174,7 @@ class DatasetRefusedError(ValueError):
 
 @dataclass
 class FinetuneDataset:
-    images: np.ndarray  # uint8 [N, R, R, 3]
+    images: np.ndarray  # uint8 [N, R, R, 3]; a np.memmap of a temporary file when ingestion spilled to disk
     report: IngestReport
 
     @property
@@ -293,6 +299,56 @@ def _zip_source(src: io.BytesIO | Path, limits: IngestLimits, report: IngestRepo
     return files()
 
 
+class _ImageStore:
+    """Kept images (uint8 [R, R, 3] each) in memory up to ``memory_bytes``, then all of them in an unnamed
+    temporary file under ``spill_dir``: written with ``write``, so the pages are the page cache's and never
+    part of this process's resident set, and read back as a copy-on-write memory map."""
+
+    def __init__(self, resolution: int, memory_bytes: int, spill_dir: str | os.PathLike | None) -> None:
+        self.shape = (resolution, resolution, 3)
+        self.memory_bytes, self.spill_dir = memory_bytes, spill_dir
+        self.held: list[np.ndarray] = []
+        self.file: Any = None  # the spill file, once the images outgrow memory_bytes
+        self.count = 0
+
+    def append(self, image: np.ndarray) -> None:
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        if image.shape != self.shape:
+            raise ValueError(f"image of shape {image.shape}, expected {self.shape}")
+        if self.file is None and (len(self.held) + 1) * image.nbytes > self.memory_bytes:
+            self.file = tempfile.TemporaryFile(dir=self.spill_dir, prefix="toonify-ingest-")  # noqa: SIM115 (closed in close())
+            for held in self.held:
+                self.file.write(memoryview(held))
+            self.held = []
+        if self.file is None:
+            self.held.append(image)
+        else:
+            self.file.write(memoryview(image))
+        self.count += 1
+
+    def finish(self) -> tuple[np.ndarray, str]:
+        """All images as uint8 [N, R, R, 3] and their sha256 (over the shape, then the pixel bytes)."""
+        h = hashlib.sha256(f"{[self.count, *self.shape]}".encode())
+        if self.file is None:
+            images = np.stack(self.held) if self.held else np.zeros((0, *self.shape), np.uint8)
+            self.held = []
+            h.update(memoryview(images))
+            return images, h.hexdigest()
+        self.file.flush()
+        self.file.seek(0)
+        while chunk := self.file.read(1 << 20):  # read, not mapped: hashing adds nothing resident either
+            h.update(chunk)
+        images = np.memmap(self.file, dtype=np.uint8, mode="c", shape=(self.count, *self.shape))
+        self.close()  # the map keeps the (unnamed) file alive until the array is dropped
+        return images, h.hexdigest()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.held = []
+
+
 def _centre_crop(im: Image.Image, resolution: int) -> np.ndarray:
     side = min(im.size)
     left, top = (im.width - side) // 2, (im.height - side) // 2
@@ -342,17 +398,36 @@ def ingest(
     min_face_size: int = 32,
     limits: IngestLimits | None = None,
     name: str | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> FinetuneDataset:
     """Read a folder, a zip file or zip bytes into uint8 [N, resolution, resolution, 3] images plus a report.
 
     ``align``: True (dlib, when installed), False (centre crops only) or a ``FaceAligner``. Faces smaller than
     ``min_face_size`` source pixels are centre-cropped instead. Raises :class:`DatasetRefusedError` (with the
-    report) for unsafe archives and for fewer than ``min_images`` usable images."""
+    report) for unsafe archives and for fewer than ``min_images`` usable images. Images past
+    ``limits.max_memory_bytes`` are kept in an unnamed temporary file in ``spill_dir`` (default: the system's
+    temporary folder); the result is then a memory map of it, with the same pixels and hash."""
     limits = limits or IngestLimits()
     lazy = _LazyAligner(align)
     label = name or (f"zip ({len(source)} bytes)" if isinstance(source, bytes | bytearray) else str(source))
     report = IngestReport(source=label, resolution=resolution, min_images=min_images, aligner=lazy.how)
-    images: list[np.ndarray] = []
+    store = _ImageStore(resolution, limits.max_memory_bytes, spill_dir)
+    try:
+        return _ingest_into(store, source, resolution, lazy, report, limits, min_images, min_face_size)
+    finally:
+        store.close()
+
+
+def _ingest_into(
+    store: _ImageStore,
+    source: str | os.PathLike | bytes,
+    resolution: int,
+    lazy: _LazyAligner,
+    report: IngestReport,
+    limits: IngestLimits,
+    min_images: int,
+    min_face_size: int,
+) -> FinetuneDataset:
     seen: dict[str, str] = {}
     for f in _open_source(source, limits, report):
         if f.data is None:
@@ -372,15 +447,13 @@ def ingest(
         report.aligner = lazy.how
         arr, why = (None, "alignment off") if aligner is None else _align(aligner, im, resolution, min_face_size)
         crop = "aligned" if arr is not None else "centre"
-        images.append(arr if arr is not None else _centre_crop(im, resolution))
+        store.append(arr if arr is not None else _centre_crop(im, resolution))
+        del im, arr  # the decoded photo can be tens of megabytes: not kept until the next one is decoded
         report.entries.append(ImageEntry(f.name, "kept", crop=crop, sha256=digest, detail=why))
-    if len(images) < min_images:
-        raise _refuse(report, f"{len(images)} usable images; at least {min_images} are needed")
-    stacked = np.stack(images)
-    h = hashlib.sha256(f"{list(stacked.shape)}".encode())
-    h.update(stacked.tobytes())
-    report.dataset_sha256 = h.hexdigest()
-    return FinetuneDataset(images=stacked, report=report)
+    if store.count < min_images:
+        raise _refuse(report, f"{store.count} usable images; at least {min_images} are needed")
+    images, report.dataset_sha256 = store.finish()
+    return FinetuneDataset(images=images, report=report)
 
 
 # ==========================================================================================================
