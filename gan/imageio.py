@@ -70,9 +70,10 @@ def _truncated() -> BadImageError:
     )
 
 
-# The end of a JPEG scan's entropy-coded data: an FF (after any FF fill bytes) followed by a byte that makes
-# it a marker. FF00 is a stuffed data byte and FFD0-FFD7 are restart markers inside the scan.
-_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# The end of a JPEG scan's entropy-coded data: an FF followed by a byte that makes it a marker (after fill
+# bytes, the last FF). FF00 is a stuffed data byte and FFD0-FFD7 are restart markers inside the scan. A
+# fixed two-byte pattern: with "FF+" the search is ten times slower on a 14 MB photo.
+_SCAN_END = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _JPEG_NO_LENGTH = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RSTn: markers without a segment
 
 

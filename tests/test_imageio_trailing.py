@@ -58,6 +58,7 @@ def jpeg_variants(img: Image.Image) -> dict[str, bytes]:
         "grey-444": encoded(img.convert("L"), "JPEG", quality=95),
         "subsampling-444": encoded(img, "JPEG", quality=95, subsampling=0),
         "thumbnail-segment": with_thumbnail_segment(encoded(img, "JPEG"), thumb),
+        "fill-bytes": encoded(img, "JPEG")[:-2] + b"\xff\xff\xff\xd9",  # FF fill bytes may precede a marker
     }
 
 
