@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.config import Settings
@@ -52,6 +54,30 @@ def add_backend_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_health)
 
 
+EXIT_UNAVAILABLE = 3  # the database or Redis could not be reached: trying again later may work
+
+
+def reports_failures(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that ends with one line naming what failed: the database or Redis out of reach (exit 3), or a
+    refused request (exit 2), instead of a driver's traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from backend.errors import ServiceError, UnavailableError
+
+        try:
+            return command(args)
+        except UnavailableError as e:
+            print(f"toonify: {e}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        except ServiceError as e:
+            print(f"toonify: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@reports_failures
 def cmd_db(args: argparse.Namespace) -> int:
     from backend.db import current_revision, downgrade, upgrade
 
@@ -64,6 +90,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+@reports_failures
 def cmd_worker(args: argparse.Namespace) -> int:
     from backend.worker import run_worker
 
@@ -133,16 +160,12 @@ async def _submit_and_watch(service, actor, args: argparse.Namespace) -> int:
     return 0
 
 
+@reports_failures
 def cmd_submit(args: argparse.Namespace) -> int:
-    from backend.errors import ServiceError
-
-    try:
-        return asyncio.run(_submit(args))
-    except ServiceError as e:
-        print(f"toonify: {e}", file=sys.stderr)
-        return 2
+    return asyncio.run(_submit(args))
 
 
+@reports_failures
 def cmd_forget(args: argparse.Namespace) -> int:
     from backend.service import Actor, ToonService
 
@@ -158,6 +181,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+@reports_failures
 def cmd_stats(args: argparse.Namespace) -> int:
     from backend.service import ToonService
 

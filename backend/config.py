@@ -51,6 +51,8 @@ class Settings:
     metrics_port: int | None = None  # Prometheus /metrics on this port (workers and bots); None: off
     shutdown_grace_s: int = 30  # on SIGTERM, workers and bots let running work finish for this long
     redis_retry_s: int = 60  # a worker keeps reconnecting to a lost Redis this long, then exits non-zero
+    db_connect_timeout_s: float = 5.0  # a database connection not made in this time: UnavailableError
+    db_statement_timeout_s: float = 10.0  # a statement unanswered this long (SQLite: a lock held): UnavailableError
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -92,6 +94,8 @@ class Settings:
             metrics_port=_get(env, "TOONIFY_METRICS_PORT", _port, None),
             shutdown_grace_s=_get(env, "TOONIFY_SHUTDOWN_GRACE_S", _non_negative_int, 30),
             redis_retry_s=_get(env, "TOONIFY_REDIS_RETRY_S", _positive_int, 60),
+            db_connect_timeout_s=_get(env, "TOONIFY_DB_CONNECT_TIMEOUT_S", _positive_float, 5.0),
+            db_statement_timeout_s=_get(env, "TOONIFY_DB_STATEMENT_TIMEOUT_S", _positive_float, 10.0),
         )
 
 
@@ -114,6 +118,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a positive number of seconds")
     return value
 
 

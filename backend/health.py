@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from backend import keys
 from backend.config import Settings
 
 
@@ -57,7 +57,7 @@ def check_worker(url: str) -> Check:
 
     client = redis_lib.Redis.from_url(url, socket_timeout=2.0)
     try:
-        workers = [k.decode() for k in client.scan_iter("toonify:worker:*", count=1000)]
+        workers = [k.decode() for k in client.scan_iter(keys.WORKER_HEARTBEAT_PATTERN, count=1000)]
     finally:
         client.close()
     if not workers:
@@ -66,20 +66,19 @@ def check_worker(url: str) -> Check:
 
 
 def check_models(settings: Settings) -> Check:
-    from gan.styles import load_manifest
+    from gan.styles import DEMO_DIR, read_manifest
 
-    models_dir = settings.models_dir or Path(__file__).resolve().parents[1] / "gan" / "demo_models"
+    models_dir = settings.models_dir or DEMO_DIR
     t0 = time.perf_counter()
     try:
-        manifest = load_manifest(models_dir)
+        manifest = read_manifest(models_dir)
         from backend.model_cache import ModelCache, base_models_from_manifest
-        from gan.styles import get_style
 
         cache = ModelCache("cpu")
-        cache.toonifier(base_models_from_manifest(models_dir), get_style(None, models_dir).toon)
+        cache.toonifier(base_models_from_manifest(models_dir), manifest.style().toon)
     except Exception as e:
         return Check("models", False, f"{models_dir}: {type(e).__name__}: {e}")
-    styles = ", ".join(manifest.get("styles", {})) or "none"
+    styles = ", ".join(manifest.styles) or "none"
     return Check("models", True, f"{models_dir} loads in {time.perf_counter() - t0:.1f} s (styles: {styles})")
 
 

@@ -6,29 +6,116 @@ transition is a conditional UPDATE, so two deliveries of one job, or a worker ra
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from arq.connections import ArqRedis
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend import metrics
+from backend import keys, metrics
 from backend.db.models import Blob, BlobKind, Job, JobKind, JobStatus, utcnow
+from backend.jobs import JobParams, queue_of
 from backend.progress import ProgressEvent, publish
-from backend.runtime import QUEUE_NAMES, Runtime
+from backend.runtime import Runtime
 
+log = logging.getLogger("toonify.ledger")
 TERMINAL = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
-CANCEL_CHANNEL = "toonify:cancel"
-STATS_KEY = "toonify:stats:toon_seconds"  # EWMA of toon job run time, for queue wait estimates
-
-
-def cancel_key(job_id: str) -> str:
-    return f"toonify:job:{job_id}:cancel"
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED)  # the same request may run again
+# Kept importable from here; the names live in backend.keys.
+CANCEL_CHANNEL = keys.CANCEL_CHANNEL
+STATS_KEY = keys.STATS_KEY
+cancel_key = keys.job_cancel
 
 
 def quota_user_key(job: Job) -> str:
     return f"user:{job.user_id}"
+
+
+def quota_community_key(job: Job) -> str | None:
+    return f"community:{job.community_id}" if job.community_id is not None else None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create: ``key`` makes it idempotent (the same key is the same job while it has not failed)."""
+
+    key: str
+    kind: JobKind
+    user_id: int | None
+    community_id: int | None
+    params: JobParams
+    input_blob_id: int | None = None
+
+
+@dataclass(frozen=True)
+class CreatedJob:
+    job_id: str
+    status: JobStatus
+    duplicate: bool  # True: a live job with this key already existed; this is it
+
+
+async def create_job(
+    rt: Runtime, new: NewJob, *, count_quota: bool = False, session: AsyncSession | None = None
+) -> CreatedJob:
+    """Insert the job row (retiring a failed or cancelled row with the same key), publish ``queued``, enqueue.
+
+    With ``count_quota`` the job is admitted against the user's quotas first (QuotaExceededError: nothing
+    written); its slot is given back on every path where the row does not get written. With ``session`` the
+    row is added to that session and committed with whatever the caller put there (one transaction).
+    """
+    if session is None:
+        async with rt.sessions() as s:
+            return await create_job(rt, new, count_quota=count_quota, session=s)
+    s = session
+    existing = await s.scalar(sa.select(Job).where(Job.key == new.key))
+    if existing is not None and existing.status not in RETRYABLE:
+        await s.commit()
+        return CreatedJob(existing.id, existing.status, duplicate=True)
+    if existing is not None:
+        existing.key = f"{new.key[:80]}:retired:{existing.id}"  # let the same request run again
+    job = Job(
+        key=new.key,
+        kind=new.kind,
+        user_id=new.user_id,
+        community_id=new.community_id,
+        params=new.params.to_json(),
+        input_blob_id=new.input_blob_id,
+    )
+    job.id = os.urandom(16).hex()
+    if count_quota:
+        await rt.quotas.admit(quota_user_key(job), quota_community_key(job), job.id)
+    try:
+        s.add(job)
+        try:
+            await s.commit()
+        except sa.exc.IntegrityError:
+            await s.rollback()
+            winner = await s.scalar(sa.select(Job).where(Job.key == new.key))
+            if winner is None:  # not a key clash (the user was forgotten meanwhile, say)
+                raise
+            await _give_back(rt, job, count_quota)
+            return CreatedJob(winner.id, winner.status, duplicate=True)  # the same request raced us and won
+    except BaseException:  # the database failed or the call was cancelled: no row, so no slot either
+        await _give_back(rt, job, count_quota)
+        raise
+    await publish(rt.pool, ProgressEvent(job_id=job.id, status="queued", stage="queued"))
+    await enqueue(rt.pool, job)  # lost if Redis fails here: workers re-enqueue queued rows Redis lacks
+    return CreatedJob(job.id, JobStatus.QUEUED, duplicate=False)
+
+
+async def _give_back(rt: Runtime, job: Job, counted: bool) -> None:
+    """Release the slot of a job that was never written (and refund its daily count: it never ran)."""
+    if not counted:
+        return
+    try:
+        await rt.quotas.release(quota_user_key(job), job.id, community_key=quota_community_key(job), refund=True)
+    except Exception:  # Redis failed too: the slot ages out after QuotaLimits.stale_after_s
+        log.warning("quota slot of unwritten job %s not released", job.id, exc_info=True)
 
 
 async def claim(rt: Runtime, job_id: str, worker_id: str) -> Job | None:
@@ -114,8 +201,8 @@ def age_s(t: datetime | None) -> float:
 
 
 async def enqueue(pool: ArqRedis, job: Job) -> None:
-    queue = "finetune" if job.kind == JobKind.FINETUNE else "toon"
-    await pool.enqueue_job(queue, job.id, _job_id=job.id, _queue_name=QUEUE_NAMES[queue])
+    queue = queue_of(job.kind)
+    await pool.enqueue_job(queue, job.id, _job_id=job.id, _queue_name=keys.QUEUE_NAMES[queue])
 
 
 async def record_blob(

@@ -39,11 +39,12 @@ class BaseModels:
 
 def base_models_from_manifest(models_dir: Path) -> BaseModels:
     """The base generator and encoder named by the model manifest in ``models_dir``."""
-    from gan.styles import load_manifest
+    from gan.styles import read_manifest
 
-    manifest = load_manifest(models_dir)
-    enc = manifest.get("encoder")
-    return BaseModels(base=models_dir / manifest["base"], encoder=models_dir / enc if enc else None)
+    manifest = read_manifest(models_dir)
+    if manifest.base is None:
+        raise ValueError(f"the model manifest in {models_dir} names no base checkpoint")
+    return BaseModels(base=manifest.base, encoder=manifest.encoder)
 
 
 class ModelCache:

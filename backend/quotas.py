@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
+from backend import keys
 from backend.redis import LuaScript
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "Quotas",
 ]
 
-_PREFIX = "toonify:quota"
 _DAILY_TTL_S = 2 * 86_400
 
 
@@ -201,15 +201,15 @@ class Quotas:
         return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y%m%d")
 
     def _active_key(self, user_key: str) -> str:
-        return f"{_PREFIX}:user:{user_key}:active"
+        return keys.quota_user_active(user_key)
 
     def _user_daily_key(self, user_key: str, ts: float) -> str:
-        return f"{_PREFIX}:user:{user_key}:daily:{self._day(ts)}"
+        return keys.quota_user_daily(user_key, self._day(ts))
 
     def _community_daily_key(self, community_key: str, ts: float) -> str:
-        return f"{_PREFIX}:community:{community_key}:daily:{self._day(ts)}"
+        return keys.quota_community_daily(community_key, self._day(ts))
 
-    _queue_key = f"{_PREFIX}:queue"
+    _queue_key = keys.QUOTA_QUEUE
 
     @staticmethod
     def _until_midnight(ts: float) -> float:
@@ -225,10 +225,10 @@ class Quotas:
         """
         now = self.clock()
         lim = self.limits
-        keys = [
+        redis_keys = [
             self._active_key(user_key),
             self._user_daily_key(user_key, now),
-            self._community_daily_key(community_key, now) if community_key is not None else f"{_PREFIX}:none",
+            self._community_daily_key(community_key, now) if community_key is not None else keys.QUOTA_NONE,
             self._queue_key,
         ]
         args = [
@@ -243,7 +243,7 @@ class Quotas:
             _DAILY_TTL_S,
             max(int(lim.stale_after_s), 1),
         ]
-        verdict, limit = await _admit_script(self.redis, keys, args)
+        verdict, limit = await _admit_script(self.redis, redis_keys, args)
         kind = _text(verdict)
         if kind == "ok":
             return
@@ -261,14 +261,14 @@ class Quotas:
         """
         admitted_at = await self.redis.zscore(self._active_key(user_key), job_id) if refund else None
         ts = self.clock() if admitted_at is None else float(admitted_at)
-        keys = [
+        redis_keys = [
             self._active_key(user_key),
             self._queue_key,
             self._user_daily_key(user_key, ts),
-            self._community_daily_key(community_key, ts) if community_key is not None else f"{_PREFIX}:none",
+            self._community_daily_key(community_key, ts) if community_key is not None else keys.QUOTA_NONE,
         ]
         args = [job_id, "1" if refund else "0", "1" if community_key is not None else "0"]
-        return bool(await _release_script(self.redis, keys, args))
+        return bool(await _release_script(self.redis, redis_keys, args))
 
     async def active_jobs(self, user_key: str) -> list[str]:
         """Ids of the user's admitted, unreleased jobs, oldest first."""
@@ -280,7 +280,7 @@ class Quotas:
         pipe = self.redis.pipeline(transaction=True)
         pipe.zcard(self._active_key(user_key))
         pipe.get(self._user_daily_key(user_key, now))
-        pipe.get(self._community_daily_key(community_key, now) if community_key is not None else f"{_PREFIX}:none")
+        pipe.get(self._community_daily_key(community_key, now) if community_key is not None else keys.QUOTA_NONE)
         pipe.zcard(self._queue_key)
         active, user_daily, community_daily, queue = await pipe.execute()
         return QuotaUsage(

@@ -2,20 +2,26 @@
 
 The bundled demo models live in ``gan/demo_models/`` with a ``manifest.json``; ``TOONIFY_MODELS_DIR`` points
 at another folder laid out the same way (real FFHQ-based models, say). Paths in a manifest are relative to
-its folder.
+its folder. :func:`read_manifest` parses it into a :class:`Manifest` once per folder (again only when the file
+changes), so callers asking on every request do not re-read the JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 from gan.blending import BlendSpec
 
 DEMO_DIR = Path(__file__).parent / "demo_models"
 MODELS_ENV = "TOONIFY_MODELS_DIR"
+# The blend used when neither the request, the community nor the style names one.
+DEFAULT_BLEND = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 
 
 @dataclass(frozen=True)
@@ -27,35 +33,83 @@ class Style:
     blend: BlendSpec
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed ``manifest.json``: absolute paths, each style with its own base/encoder resolved."""
+
+    directory: Path
+    base: Path | None
+    encoder: Path | None
+    default_style: str | None
+    styles: MappingProxyType[str, Style]
+    raw: MappingProxyType[str, Any] = field(repr=False)  # everything else the file records (timings, metrics…)
+
+    def style(self, name: str | None = None) -> Style:
+        """The named style (default: ``default_style``, else the first one)."""
+        name = name or self.default_style or next(iter(self.styles), None)
+        if name not in self.styles:
+            raise ValueError(f"unknown style {name!r}; available: {', '.join(sorted(self.styles)) or 'none'}")
+        return self.styles[name]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> Manifest:
+        def path(rel: str | None) -> Path | None:
+            return directory / rel if rel else None
+
+        styles = {}
+        for name, entry in data.get("styles", {}).items():
+            encoder = entry.get("encoder", data.get("encoder"))
+            styles[name] = Style(
+                name=name,
+                base=directory / entry.get("base", data.get("base", "")),
+                toon=directory / entry["toon"],
+                encoder=path(encoder),
+                blend=BlendSpec.from_json(entry["blend"]) if "blend" in entry else DEFAULT_BLEND,
+            )
+        return cls(
+            directory=directory,
+            base=path(data.get("base")),
+            encoder=path(data.get("encoder")),
+            default_style=data.get("default_style"),
+            styles=MappingProxyType(styles),
+            raw=MappingProxyType(data),
+        )
+
+
 def models_dir() -> Path:
     return Path(os.environ.get(MODELS_ENV) or DEMO_DIR)
 
 
-def load_manifest(directory: Path | None = None) -> dict:
-    directory = directory or models_dir()
-    path = directory / "manifest.json"
-    if not path.is_file():
+_cache: dict[Path, tuple[tuple[int, int], Manifest]] = {}
+_cache_lock = threading.Lock()
+
+
+def read_manifest(directory: Path | None = None) -> Manifest:
+    """The folder's manifest, parsed once and reused until the file's mtime or size changes."""
+    path = (directory or models_dir()) / "manifest.json"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"no model manifest at {path}; set {MODELS_ENV} to a folder with manifest.json, "
             "or pass --base and --toon checkpoints"
-        )
-    return json.loads(path.read_text())
+        ) from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    with _cache_lock:
+        hit = _cache.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+    manifest = Manifest.from_json(json.loads(path.read_text()), path.parent)
+    with _cache_lock:
+        _cache[path] = (stamp, manifest)
+    return manifest
+
+
+def load_manifest(directory: Path | None = None) -> dict:
+    """The manifest's raw JSON (see :func:`read_manifest` for the typed, cached form)."""
+    return dict(read_manifest(directory).raw)
 
 
 def get_style(name: str | None = None, directory: Path | None = None) -> Style:
     """The named style (default: the manifest's ``default_style``)."""
-    directory = directory or models_dir()
-    manifest = load_manifest(directory)
-    styles = manifest.get("styles", {})
-    name = name or manifest.get("default_style") or next(iter(styles), None)
-    if name not in styles:
-        raise ValueError(f"unknown style {name!r}; available: {', '.join(sorted(styles)) or 'none'}")
-    entry = styles[name]
-    encoder = entry.get("encoder", manifest.get("encoder"))
-    return Style(
-        name=name,
-        base=directory / entry.get("base", manifest.get("base", "")),
-        toon=directory / entry["toon"],
-        encoder=None if not encoder else directory / encoder,
-        blend=BlendSpec.from_json(entry.get("blend", {"mode": "swap", "resolution": 32})),
-    )
+    return read_manifest(directory).style(name)

@@ -16,13 +16,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from backend.errors import UnavailableError
+
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # when no statement timeout is given
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
 
@@ -37,6 +40,13 @@ def async_url(url: str | URL) -> URL:
     return u
 
 
+def describe_url(url: str | URL) -> str:
+    """The database URL for messages: no driver suffix, no password (``postgresql://user@host:5432/db``)."""
+    u = make_url(url)
+    u = u._replace(drivername=u.get_backend_name(), password=None, query={})  # a query may carry secrets too
+    return u.render_as_string(hide_password=False)
+
+
 def _sqlite_file(u: URL) -> Path | None:
     """The database file of a SQLite URL, or None for in-memory / URI-style databases."""
     db = u.database
@@ -45,33 +55,90 @@ def _sqlite_file(u: URL) -> Path | None:
     return Path(db)
 
 
-def make_engine(url: str | URL, *, sqlite_foreign_keys: bool = True, **kwargs: Any) -> AsyncEngine:
-    """An async engine for `url`. For SQLite: creates the file's directory and sets on every connection WAL
-    (readers never block the writer), a busy timeout (writers wait instead of failing at once) and
-    `foreign_keys=ON` (SQLite ignores ON DELETE otherwise; migrations turn it off, see migrations/env.py).
+def _reason(error: BaseException, timeout_s: float | None) -> str:
+    if isinstance(error, TimeoutError):
+        return f"no answer within {timeout_s:g} s" if timeout_s else "no answer in time"
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return text[0][:200] if text and text[0] else type(error).__name__
+
+
+def make_engine(
+    url: str | URL,
+    *,
+    sqlite_foreign_keys: bool = True,
+    connect_timeout_s: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+    statement_timeout_s: float | None = None,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """An async engine for `url` that fails fast and says so: a connection not made within `connect_timeout_s`,
+    a statement (or COMMIT) not answered within `statement_timeout_s` (None: no limit), a refused or lost
+    connection all raise :class:`~backend.errors.UnavailableError` naming the database (never its password).
+
+    For SQLite it also creates the file's directory and sets on every connection WAL (readers never block the
+    writer), a busy timeout (writers wait up to `statement_timeout_s` for a lock instead of failing at once),
+    `secure_delete` (deleted rows are overwritten, not left readable in free pages) and `foreign_keys=ON`
+    (SQLite ignores ON DELETE otherwise; migrations turn it off, see migrations/env.py).
 
     Extra keyword arguments go to `create_async_engine` (e.g. `poolclass=NullPool`).
     """
     u = async_url(url)
-    if u.get_backend_name() != "sqlite":
-        return create_async_engine(u, **kwargs)
-
-    path = _sqlite_file(u)
-    if path is not None:
-        path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(u, **kwargs)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
+    shown = describe_url(u)
+    sqlite = u.get_backend_name() == "sqlite"
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    if sqlite:
+        path = _sqlite_file(u)
         if path is not None:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute(f"PRAGMA foreign_keys={'ON' if sqlite_foreign_keys else 'OFF'}")
-        cursor.close()
+            path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = SQLITE_BUSY_TIMEOUT_MS if statement_timeout_s is None else round(statement_timeout_s * 1000)
+    else:
+        connect_args.setdefault("timeout", connect_timeout_s)
+        connect_args.setdefault("command_timeout", statement_timeout_s)
+        kwargs.setdefault("pool_pre_ping", True)  # a connection the server dropped is replaced, not handed out
+    engine = create_async_engine(u, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: tuple, cparams: dict) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except (OSError, TimeoutError, dialect.loaded_dbapi.Error) as e:
+            raise UnavailableError(
+                "database", f"the database at {shown} is unreachable: {_reason(e, connect_timeout_s)}"
+            ) from e
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _lost(ctx: Any) -> None:
+        error = ctx.original_exception
+        if isinstance(error, UnavailableError):
+            return
+        if isinstance(error, OSError | TimeoutError) or ctx.is_disconnect:
+            raise UnavailableError(
+                "database", f"the database at {shown} stopped answering: {_reason(error, statement_timeout_s)}"
+            ) from error
+        if sqlite and "database is locked" in str(error):
+            raise UnavailableError(
+                "database", f"the database at {shown} stayed locked by another writer for {busy_ms / 1000:g} s"
+            ) from error
+
+    if sqlite:
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            if path is not None:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cursor.execute("PRAGMA secure_delete=ON")
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if sqlite_foreign_keys else 'OFF'}")
+            cursor.close()
 
     return engine
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """Run ``SELECT 1``: raises UnavailableError (naming the database) when it cannot be reached."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

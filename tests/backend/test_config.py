@@ -22,6 +22,7 @@ def test_defaults_need_no_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (q.user_active, q.user_daily, q.community_daily, q.max_queue) == (2, 50, 1000, 200)
     assert (s.job_timeout_s, s.toon_max_jobs, s.finetune_max_jobs) == (600, 8, 1)
     assert (s.shutdown_grace_s, s.redis_retry_s) == (30, 60)
+    assert (s.db_connect_timeout_s, s.db_statement_timeout_s) == (5.0, 10.0)
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -43,6 +44,8 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         "TOONIFY_MODELS_DIR": str(tmp_path / "models"),
         "TOONIFY_SHUTDOWN_GRACE_S": "0",
         "TOONIFY_REDIS_RETRY_S": "9",
+        "TOONIFY_DB_CONNECT_TIMEOUT_S": "1.5",
+        "TOONIFY_DB_STATEMENT_TIMEOUT_S": "2",
     }
     s = Settings.from_env(env)
     assert s.data_dir == tmp_path / "d"
@@ -55,6 +58,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert (s.job_timeout_s, s.toon_max_jobs, s.finetune_max_jobs) == (7, 2, 3)
     assert s.models_dir == tmp_path / "models"
     assert (s.shutdown_grace_s, s.redis_retry_s) == (0, 9)
+    assert (s.db_connect_timeout_s, s.db_statement_timeout_s) == (1.5, 2.0)
 
 
 def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
@@ -77,6 +81,8 @@ def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
         ("REDIS_URL", "http://localhost:6379"),
         ("TOONIFY_SHUTDOWN_GRACE_S", "-1"),
         ("TOONIFY_REDIS_RETRY_S", "0"),
+        ("TOONIFY_DB_CONNECT_TIMEOUT_S", "0"),
+        ("TOONIFY_DB_STATEMENT_TIMEOUT_S", "nan"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

@@ -1,0 +1,233 @@
+"""Typed job parameters and results: what ``jobs.params`` and ``jobs.result`` hold, one frozen class per kind.
+
+The JSON shape is the one rows have always been stored with (same keys), and ``from_json`` fills keys that
+older rows lack with the defaults they were run with, so rows written before these classes existed still load.
+Unknown keys are ignored: a newer writer never breaks an older reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.db.models import JobKind
+from gan.blending import BlendSpec
+from gan.styles import DEFAULT_BLEND
+
+__all__ = [
+    "DEFAULT_BLEND",
+    "MODES",
+    "FinetuneParams",
+    "FinetuneResult",
+    "PreviewParams",
+    "ToonParams",
+    "ToonResult",
+    "params_from_json",
+    "queue_of",
+]
+
+MODES = ("fast", "balanced", "quality")  # projection recipes (gan.pipeline)
+
+
+def queue_of(kind: JobKind) -> str:
+    """The queue role (a key of ``backend.keys.QUEUE_NAMES``) that runs jobs of ``kind``."""
+    return "finetune" if kind == JobKind.FINETUNE else "toon"
+
+
+def _spec(value: dict[str, Any] | None) -> BlendSpec | None:
+    return BlendSpec.from_json(value) if value else None
+
+
+@dataclass(frozen=True)
+class ToonParams:
+    """A toon or re-blend job. ``spec`` None: the style's default blend, resolved when the job runs."""
+
+    style_id: int
+    style: str
+    spec: BlendSpec | None = None
+    mode: str = "balanced"
+    all_faces: bool = True
+    reblend_of: str | None = None  # the job whose photo (and cached latents) a re-blend reuses
+
+    def blend(self, style_default: dict[str, Any] | None = None) -> BlendSpec:
+        """The blend to render: the job's own, else the style row's default, else DEFAULT_BLEND."""
+        return self.spec or _spec(style_default) or DEFAULT_BLEND
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two requests the same work (a re-blend and a toon with the same options are)."""
+        d = self.to_json()
+        d.pop("reblend_of", None)
+        return d
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "style_id": self.style_id,
+            "style": self.style,
+            "spec": self.spec.to_json() if self.spec else None,
+            "mode": self.mode,
+            "all_faces": self.all_faces,
+        }
+        if self.reblend_of is not None:
+            d["reblend_of"] = self.reblend_of
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ToonParams:
+        return cls(
+            style_id=int(d["style_id"]),
+            style=str(d.get("style", "")),
+            spec=_spec(d.get("spec")),
+            mode=str(d.get("mode", "balanced")),
+            all_faces=bool(d.get("all_faces", True)),
+            reblend_of=d.get("reblend_of"),
+        )
+
+
+@dataclass(frozen=True)
+class PreviewParams:
+    """A poll's grid: the style rendered at each candidate blend on fixed probe faces."""
+
+    poll_id: int
+    style_id: int
+    style: str
+    specs: tuple[BlendSpec, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "poll_id": self.poll_id,
+            "style_id": self.style_id,
+            "style": self.style,
+            "specs": [s.to_json() for s in self.specs],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PreviewParams:
+        return cls(
+            poll_id=int(d["poll_id"]),
+            style_id=int(d["style_id"]),
+            style=str(d.get("style", "")),
+            specs=tuple(BlendSpec.from_json(s) for s in d.get("specs", [])),
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """A fine-tune of the base model on a dataset into a draft style; steps count batches."""
+
+    style_id: int
+    dataset_id: int
+    style: str
+    steps: int = 400
+    snapshot_every: int = 50
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "style_id": self.style_id,
+            "dataset_id": self.dataset_id,
+            "steps": self.steps,
+            "style": self.style,
+        }
+        if self.snapshot_every != 50:  # rows so far never carried it: keep their shape for the default
+            d["snapshot_every"] = self.snapshot_every
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FinetuneParams:
+        return cls(
+            style_id=int(d["style_id"]),
+            dataset_id=int(d["dataset_id"]),
+            style=str(d.get("style", "")),
+            steps=int(d.get("steps", 400)),
+            snapshot_every=int(d.get("snapshot_every", 50)),
+        )
+
+
+JobParams = ToonParams | PreviewParams | FinetuneParams
+
+
+def params_from_json(kind: JobKind, d: dict[str, Any]) -> JobParams:
+    """The typed parameters of a job row of ``kind``."""
+    if kind == JobKind.FINETUNE:
+        return FinetuneParams.from_json(d)
+    if kind == JobKind.PREVIEW:
+        return PreviewParams.from_json(d)
+    return ToonParams.from_json(d)
+
+
+@dataclass(frozen=True)
+class ToonResult:
+    """A toon, re-blend or preview: blob hashes of the composite and the crops (a preview: grid and rows)."""
+
+    composite: str
+    crops: tuple[str, ...]
+    faces: int
+    too_small: int = 0
+    style: str = ""
+    spec: BlendSpec | None = None  # None for a preview (many blends)
+    image_sha256: str | None = None  # the photo (toon and re-blend)
+    poll_id: int | None = None  # the poll (preview)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "composite": self.composite,
+            "crops": list(self.crops),
+            "faces": self.faces,
+            "too_small": self.too_small,
+            "style": self.style,
+            "spec": self.spec.to_json() if self.spec else {},
+        }
+        if self.image_sha256 is not None:
+            d["image_sha256"] = self.image_sha256
+        if self.poll_id is not None:
+            d["poll_id"] = self.poll_id
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ToonResult:
+        crops = tuple(d.get("crops", ()))
+        return cls(
+            composite=d["composite"],
+            crops=crops,
+            faces=int(d.get("faces", len(crops))),
+            too_small=int(d.get("too_small", 0)),
+            style=str(d.get("style", "")),
+            spec=_spec(d.get("spec")),
+            image_sha256=d.get("image_sha256"),
+            poll_id=d.get("poll_id"),
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """A finished fine-tune: the draft style's checkpoint and how it went."""
+
+    style: str
+    checkpoint: str
+    images: int
+    steps: int
+    metrics: dict[str, Any] | None = None  # the last snapshot's metrics row
+    dataset: dict[str, Any] = field(default_factory=dict)  # ingestion counts (kept, refused, duplicates…)
+    report: str | None = None  # path of the run's report.json
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "style": self.style,
+            "checkpoint": self.checkpoint,
+            "images": self.images,
+            "steps": self.steps,
+            "metrics": self.metrics,
+            "dataset": self.dataset,
+            "report": self.report,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FinetuneResult:
+        return cls(
+            style=str(d.get("style", "")),
+            checkpoint=str(d["checkpoint"]),
+            images=int(d.get("images", 0)),
+            steps=int(d.get("steps", 0)),
+            metrics=d.get("metrics"),
+            dataset=dict(d.get("dataset") or {}),
+            report=d.get("report"),
+        )

@@ -1,0 +1,193 @@
+"""Styles: the bundled ones from the model manifest, community fine-tunes, and which one a request gets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend import ledger
+from backend.db.models import Blend, BlobKind, Community, Dataset, JobKind, StyleModel, StyleStatus
+from backend.errors import BadInputError, ConflictError, NotFoundError
+from backend.jobs import FinetuneParams
+from backend.ledger import NewJob, record_blob
+from backend.service.base import Concern, get_community, get_user, names_redis, require_admin
+from backend.service.types import MAX_DATASET_BYTES, Actor, JobTicket, Place, StyleInfo
+from gan.blending import BlendSpec
+from gan.styles import DEFAULT_BLEND, read_manifest
+
+MIN_DATASET_FILES = 8
+
+
+def default_style_name(models_dir: Path) -> str | None:
+    try:
+        return read_manifest(models_dir).default_style
+    except FileNotFoundError:
+        return None
+
+
+async def visible_styles(s: AsyncSession, comm: Community | None) -> list[StyleModel]:
+    """Published styles usable here: the global ones and the community's own."""
+    scope = StyleModel.community_id.is_(None)
+    if comm is not None:
+        scope = scope | (StyleModel.community_id == comm.id)
+    q = sa.select(StyleModel).where(scope, StyleModel.status == StyleStatus.PUBLISHED).order_by(StyleModel.name)
+    return list((await s.scalars(q)).all())
+
+
+async def resolve_style(
+    s: AsyncSession, models_dir: Path, name: str | None, comm: Community | None, *, drafts: bool = False
+) -> StyleModel:
+    """The style called ``name`` (None: the manifest's default) visible in ``comm``; the community's own wins."""
+    name = (name or default_style_name(models_dir) or "").strip().lower()
+    visible = [StyleStatus.PUBLISHED] + ([StyleStatus.DRAFT] if drafts else [])
+    q = sa.select(StyleModel).where(StyleModel.name == name, StyleModel.status.in_(visible))
+    scope = StyleModel.community_id.is_(None)
+    if comm is not None:
+        scope = scope | (StyleModel.community_id == comm.id)
+    rows = (await s.scalars(q.where(scope))).all()
+    if not rows:
+        names = [st.name for st in await visible_styles(s, comm)]
+        raise NotFoundError(f"there is no style called {name!r}; try one of: {', '.join(names) or 'none'}")
+    return sorted(rows, key=lambda r: r.community_id is None)[0]
+
+
+async def default_spec(s: AsyncSession, style: StyleModel, comm: Community | None) -> BlendSpec:
+    """The blend a request without one gets: the community's chosen one, else the style's, else DEFAULT_BLEND."""
+    if comm is not None:
+        blend = await s.scalar(
+            sa.select(Blend).where(Blend.style_id == style.id, Blend.community_id == comm.id, Blend.is_default)
+        )
+        if blend is not None:
+            return BlendSpec.from_json(blend.spec)
+    return BlendSpec.from_json(style.default_blend) if style.default_blend else DEFAULT_BLEND
+
+
+def _info(st: StyleModel) -> StyleInfo:
+    return StyleInfo(st.name, st.status.value, st.community_id is not None, st.default_blend)
+
+
+class StyleCommands(Concern):
+    async def sync_bundled_styles(self) -> None:
+        """Make the styles of the model manifest (bundled demo or TOONIFY_MODELS_DIR) global published rows."""
+        try:
+            manifest = read_manifest(self.rt.models_dir)
+        except FileNotFoundError:
+            return
+        async with self.rt.sessions() as s:
+            for name, style in manifest.styles.items():
+                row = await s.scalar(
+                    sa.select(StyleModel).where(StyleModel.name == name, StyleModel.community_id.is_(None))
+                )
+                path, blend = str(style.toon), style.blend.to_json()
+                if row is None:
+                    s.add(
+                        StyleModel(
+                            name=name,
+                            community_id=None,
+                            status=StyleStatus.PUBLISHED,
+                            checkpoint_path=path,
+                            default_blend=blend,
+                        )
+                    )
+                else:
+                    row.checkpoint_path, row.default_blend = path, blend
+            try:
+                await s.commit()
+            except sa.exc.IntegrityError:  # another process synced at the same moment
+                await s.rollback()
+
+    async def require_admin(self, actor: Actor, place: Place | None) -> None:
+        """Raise NotAllowedError unless ``actor`` administers ``place`` (front ends check before downloading)."""
+        async with self.rt.sessions() as s:
+            await require_admin(s, actor, place)
+            await s.commit()
+
+    async def list_styles(self, place: Place | None = None) -> list[StyleInfo]:
+        async with self.rt.sessions() as s:
+            comm = await get_community(s, place)
+            rows = await visible_styles(s, comm)
+            await s.commit()
+        return [_info(r) for r in rows]
+
+    async def set_style(self, actor: Actor, place: Place | None, name: str) -> StyleInfo:
+        """``/style NAME``: the actor's default style from now on (it must be visible here)."""
+        async with self.rt.sessions() as s:
+            user = await get_user(s, actor)
+            comm = await get_community(s, place, user, actor)
+            st = await resolve_style(s, self.rt.models_dir, name, comm, drafts=actor.is_admin)
+            user.preferences = {**(user.preferences or {}), "style": st.name}
+            await s.commit()
+            return _info(st)
+
+    @names_redis
+    async def start_finetune(
+        self, actor: Actor, place: Place | None, name: str, dataset: bytes, *, steps: int = 400
+    ) -> JobTicket:
+        """Admins: store a zip of images and queue a fine-tune of the base model into draft style ``name``."""
+        await self.require_admin(actor, place)
+        name = name.strip().lower()
+        if not name or len(name) > 32 or not all(c.isalnum() or c in "-_" for c in name):
+            raise BadInputError("a style name is 1 to 32 letters, digits, '-' or '_'")
+        if len(dataset) > MAX_DATASET_BYTES:
+            size, limit = len(dataset) / 2**20, MAX_DATASET_BYTES >> 20
+            raise BadInputError(f"that dataset is {size:.0f} MB; the limit is {limit} MB")
+        try:
+            with zipfile.ZipFile(io.BytesIO(dataset)) as zf:
+                n_files = sum(1 for m in zf.infolist() if not m.is_dir())
+        except zipfile.BadZipFile as e:
+            raise BadInputError("send the dataset as a .zip of images") from e
+        if n_files < MIN_DATASET_FILES:
+            raise BadInputError(f"the zip holds {n_files} files; a fine-tune needs at least {MIN_DATASET_FILES} images")
+        async with self.rt.sessions() as s:
+            user, comm = await require_admin(s, actor, place)
+            st = await s.scalar(
+                sa.select(StyleModel).where(StyleModel.name == name, StyleModel.community_id == comm.id)
+            )
+            if st is not None and st.status in (StyleStatus.PUBLISHED, StyleStatus.TRAINING):
+                raise ConflictError(f"this community already has a {st.status.value} style called {name!r}")
+            if st is None:
+                st = StyleModel(
+                    name=name,
+                    community_id=comm.id,
+                    status=StyleStatus.TRAINING,
+                    checkpoint_path="",
+                    created_by=user.id,
+                    default_blend=DEFAULT_BLEND.to_json(),
+                )
+                s.add(st)
+            await s.commit()
+            user_id, comm_id, style_id = user.id, comm.id, st.id
+        sha = hashlib.sha256(dataset).hexdigest()
+        # the row first, then the file: a file is never left without a row that accounts for it
+        blob_id = await record_blob(self.rt, None, sha, len(dataset), "application/zip", BlobKind.DATASET, None)
+        await asyncio.to_thread(self.rt.blobs.put, dataset)
+        async with self.rt.sessions() as s:
+            ds = Dataset(community_id=comm_id, created_by=user_id, name=name, blob_id=blob_id, status="uploaded")
+            s.add(ds)
+            await s.commit()
+            ds_id = ds.id
+        params = FinetuneParams(style_id=style_id, dataset_id=ds_id, steps=steps, style=name)
+        key = hashlib.sha256(f"finetune:{comm_id}:{name}:{sha}:{steps}".encode()).hexdigest()
+        created = await ledger.create_job(self.rt, NewJob(key, JobKind.FINETUNE, user_id, comm_id, params))
+        return JobTicket(created.job_id, created.status.value, duplicate=created.duplicate)
+
+    async def publish_style(self, actor: Actor, place: Place | None, name: str) -> StyleInfo:
+        """Admins: a draft style of this community becomes available to its members."""
+        async with self.rt.sessions() as s:
+            _, comm = await require_admin(s, actor, place)
+            st = await s.scalar(
+                sa.select(StyleModel).where(StyleModel.name == name.strip().lower(), StyleModel.community_id == comm.id)
+            )
+            if st is None:
+                raise NotFoundError(f"this community has no style called {name!r}")
+            if st.status != StyleStatus.DRAFT:
+                raise ConflictError(f"{name!r} is {st.status.value}; only a finished draft can be published")
+            st.status = StyleStatus.PUBLISHED
+            await s.commit()
+            return _info(st)
