@@ -170,7 +170,8 @@ def test_other_formats_with_trailing_bytes(portrait, lenient_pillow, monkeypatch
     for fmt, data in files.items():
         expected = pixels(data)
         for attempt in range(TRIES // 4):
-            assert np.array_equal(pixels(data + rng.bytes(int(rng.integers(1, 300))) + b";"), expected), fmt
+            trailer = rng.bytes(int(rng.integers(1, 300))) + b";"
+            assert np.array_equal(pixels(data + trailer), expected), (fmt, attempt)
         cuts = [len(data) // 4, len(data) - 1]
         if fmt == "GIF" and not lenient_pillow:
             cuts = cuts[:1]  # only the first frame is read; without the global flag a missing trailer is let be
