@@ -104,9 +104,13 @@ async def run_finetune(w: WorkerState, job: Job) -> dict[str, Any]:
 
     progress("ingest", 0, 1, "checking the images")
     resolution = (await asyncio.to_thread(read_checkpoint, base_path)).generator_config.resolution
-    raw = await asyncio.to_thread(rt.blobs.read, blob.sha256)
-    try:
-        data = await asyncio.to_thread(ingest, raw, resolution, min_images=MIN_IMAGES, name=f"{dataset.name}.zip")
+    spill = rt.settings.data_dir / "tmp"  # past ingestion's memory bound, images go to a file here (not a RAM disk)
+    spill.mkdir(parents=True, exist_ok=True)
+    try:  # read from the blob's file member by member: the zip itself never sits in memory
+        data = await asyncio.to_thread(
+            ingest, rt.blobs.path(blob.sha256), resolution, min_images=MIN_IMAGES, name=f"{dataset.name}.zip",
+            spill_dir=spill,
+        )  # fmt: skip
     except DatasetRefusedError as e:
         raise BadInputError(f"the dataset was refused: {e}") from e
     await w.check_cancel(job.id)

@@ -55,7 +55,7 @@ from gan.projection import ProjectionCancelledError
 
 log = logging.getLogger("toonify.worker")
 MAX_TRIES = 3  # attempts that end in an error before a job fails for good
-MAX_ATTEMPTS = 10  # claims of one job (errors, interruptions, dead workers) before it fails for good
+MAX_WORKER_DEATHS = 5  # a job whose worker died this often while running it (OOM?) is not tried again
 HAND_BACK_WAIT_S = 15.0  # after the grace period: how long jobs get to reach their next step and hand back
 MAINTENANCE_SECONDS = {0}  # arq cron: expiry and poll deadlines once a minute, by one worker of the fleet
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
@@ -108,8 +108,9 @@ async def _run(w: WorkerState, job_id: str, body) -> str:
             await ledger.finish(rt, row, JobStatus.CANCELLED, error="cancelled before it started")
             return JobStatus.CANCELLED.value
         return row.status.value
-    if job.attempts > MAX_ATTEMPTS:  # a job that kills its worker every time must not loop for ever
-        await ledger.finish(rt, job, JobStatus.FAILED, error=f"failed after {MAX_ATTEMPTS} attempts (interrupted)")
+    if await w.worker_deaths(job.id) >= MAX_WORKER_DEATHS:  # a job that kills its worker must not loop for ever
+        error = f"its worker died {MAX_WORKER_DEATHS} times while running it; not trying again"
+        await ledger.finish(rt, job, JobStatus.FAILED, error=error)
         return JobStatus.FAILED.value
     w.running.add(job.id)
     with contextlib.suppress(*REDIS_ERRORS):
@@ -369,8 +370,9 @@ def make_workers(
         crons = [] if made else [cron(maintenance, second=maintenance_seconds or MAINTENANCE_SECONDS, timeout=300)]
         made.append(
             Worker(
-                # arq's own retry budget is only a backstop: the SQL ledger decides (MAX_TRIES, MAX_ATTEMPTS)
-                functions=[func(fn, name=queue, max_tries=MAX_ATTEMPTS + MAX_TRIES)],
+                # arq's retry budget is only a backstop (a job it drops stays queued in SQL and is re-enqueued):
+                # the ledger decides (MAX_TRIES errors, MAX_WORKER_DEATHS; graceful hand-backs are unlimited)
+                functions=[func(fn, name=queue, max_tries=100)],
                 cron_jobs=crons,
                 queue_name=QUEUE_NAMES[queue],
                 redis_settings=redis_settings(w.rt.redis.url),

@@ -41,6 +41,11 @@ def heartbeat_key(worker_id: str) -> str:
     return f"toonify:worker:{worker_id}"
 
 
+def deaths_key(job_id: str) -> str:
+    """How often a worker died (heartbeat lapsed) while running the job: the poison-job guard's count."""
+    return f"toonify:job:{job_id}:deaths"
+
+
 @dataclass
 class WorkerState:
     """What every job function of one worker process shares (``ctx['toonify']``)."""
@@ -87,6 +92,14 @@ class WorkerState:
             self.request_cancel(job_id)
             p = self.progress.get(job_id)
             raise JobCancelledError(f"cancelled between stages, after {p.current[0] if p else 'start'}")
+
+    async def worker_deaths(self, job_id: str) -> int:
+        """Times a worker died running ``job_id`` (0 when Redis cannot say: the guard errs on running the job)."""
+        try:
+            return int(await self.rt.pool.get(deaths_key(job_id)) or 0)
+        except Exception as exc:
+            log.warning("death count of job %s unreadable: %s", job_id, exc)
+            return 0
 
     async def cancel_flag(self, job_id: str) -> bool:
         """The user's cancel flag in Redis (False when Redis cannot be read)."""
@@ -180,6 +193,9 @@ async def reconcile(rt: Runtime, own: WorkerState | None = None) -> dict[str, in
             if not mine_but_gone and job.worker_id and await pool.exists(heartbeat_key(job.worker_id)):
                 continue  # its worker is alive (maybe on another machine)
             await ledger.requeue(rt, job, error="the worker running this job stopped; retrying")
+            if not mine_but_gone:  # a dead worker, not a hand-back whose SQL write failed
+                await pool.incr(deaths_key(job.id))
+                await pool.expire(deaths_key(job.id), 7 * 86400)
             await pool.delete(in_progress_key_prefix + job.id)  # arq would wait out the job timeout otherwise
             counts["requeued"] += 1
         queue = QUEUE_NAMES["finetune" if job.kind == JobKind.FINETUNE else "toon"]

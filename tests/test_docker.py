@@ -143,3 +143,21 @@ def test_pinned_requirements_are_the_tested_versions():
     assert "torch" not in pins
     for pkg, ver in pins.items():
         assert version(pkg) == ver, f"{pkg}: pinned {ver}, tested with {version(pkg)}"
+
+
+def _seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert m, f"unreadable duration {duration!r}"
+    return int(m[1]) * (60 if m[2] == "m" else 1)
+
+
+def test_compose_lets_workers_and_bots_drain_before_docker_kills_them():
+    """Docker sends SIGKILL 10 s after SIGTERM unless told otherwise: too soon for a grace period of 30 s."""
+    from backend.config import Settings
+    from backend.worker import HAND_BACK_WAIT_S
+
+    grace = Settings().shutdown_grace_s
+    services = compose()["services"]
+    assert _seconds(services["worker"]["stop_grace_period"]) >= grace + HAND_BACK_WAIT_S
+    for bot in ("telegram", "discord"):
+        assert _seconds(services[bot]["stop_grace_period"]) >= grace + 30  # + a photo on its way

@@ -28,7 +28,8 @@ from backend.db.models import Blob, Job, JobStatus, StyleModel, utcnow
 from backend.model_cache import ModelCache, base_models_from_manifest
 from backend.redis import redis_server_executable
 from backend.service import Place, ToonService
-from backend.worker import serving_worker
+from backend.worker import MAX_WORKER_DEATHS, serving_worker
+from backend.worker_state import deaths_key, reconcile
 from gan.blending import BlendSpec
 from gan.styles import DEMO_DIR
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
@@ -282,5 +283,34 @@ async def test_maintenance_runs_as_a_cron_job(tmp_path, redis_url, redis):  # no
                 await asyncio.sleep(0.1)
         assert info is None, info  # closed by the cron job, not by anyone's command
         assert selfies == 0
+    finally:
+        await svc.close()
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_worker_keeps_dying_is_given_up(tmp_path, redis_url, redis):  # noqa: F811
+    env = worker_env(tmp_path, redis_url, TOONIFY_SHUTDOWN_GRACE_S="5")
+    svc = await ToonService.open(Settings.from_env(env))
+    try:
+        ticket = await svc.submit_toon(actor(1), GUILD, astronaut(), mode="fast")
+        for death in range(1, MAX_WORKER_DEATHS + 1):  # each time a worker took it and died (no heartbeat)
+            async with svc.rt.sessions() as s:
+                await s.execute(sa.update(Job).values(status=JobStatus.RUNNING, worker_id=f"gone:{death}"))
+                await s.commit()
+            counts = await reconcile(svc.rt)
+            assert counts["requeued"] == 1
+            assert int(await redis.get(deaths_key(ticket.job_id))) == death
+            assert (await job_row(svc, ticket.job_id)).status == JobStatus.QUEUED
+        async with running_worker(svc):
+            events = await events_until_done(svc, ticket.job_id)
+        assert events[-1].status == "failed" and f"died {MAX_WORKER_DEATHS} times" in events[-1].error, events[-1]
+
+        other = await svc.submit_toon(actor(2), GUILD, astronaut(1), mode="fast")  # one death is no reason to stop
+        async with svc.rt.sessions() as s:
+            await s.execute(sa.update(Job).where(Job.id == other.job_id).values(status=JobStatus.RUNNING))
+            await s.commit()
+        await reconcile(svc.rt)
+        async with running_worker(svc):
+            assert (await events_until_done(svc, other.job_id))[-1].status == "done"
     finally:
         await svc.close()
