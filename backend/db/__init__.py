@@ -18,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -93,7 +94,6 @@ def make_engine(
     else:
         connect_args.setdefault("timeout", connect_timeout_s)
         connect_args.setdefault("command_timeout", statement_timeout_s)
-        kwargs.setdefault("pool_pre_ping", True)  # a connection the server dropped is replaced, not handed out
     engine = create_async_engine(u, connect_args=connect_args, **kwargs)
 
     @event.listens_for(engine.sync_engine, "do_connect")
@@ -118,6 +118,17 @@ def make_engine(
             raise UnavailableError(
                 "database", f"the database at {shown} stayed locked by another writer for {busy_ms / 1000:g} s"
             ) from error
+
+    if not sqlite:
+
+        @event.listens_for(engine.sync_engine, "checkout")
+        def _ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            # SQLAlchemy's pool_pre_ping would let a ping timeout escape as a bare TimeoutError: ping here, and
+            # have the pool replace a connection that fails (connecting anew goes through _connect above).
+            try:
+                dbapi_connection.ping()
+            except (OSError, TimeoutError, engine.dialect.loaded_dbapi.Error) as e:
+                raise DisconnectionError(f"ping failed: {_reason(e, statement_timeout_s)}") from e
 
     if sqlite:
 
