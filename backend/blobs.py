@@ -5,9 +5,10 @@ trusted to mean one content forever. Files are written atomically (temporary fil
 never sees half a blob even if the writer dies. The store is files only: ownership and expiry live in the
 `blobs` table (backend.db.models.Blob), and `expire_blobs` ties the two together.
 
-Protocol for writers: `put` the bytes first, then commit the Blob row. `put` refreshes the file's mtime, and
-`expire_blobs` leaves alone files touched within its grace period, so a sweep that runs between the two steps
-cannot delete a file whose row is about to appear.
+Protocol for writers: commit the Blob row, then `put` the bytes (the service does: a failure between the two
+leaves a row without a file, which expiry removes, never a file that no row accounts for). `put` refreshes the
+file's mtime, and `expire_blobs` leaves alone files touched within its grace period, so a sweep that runs
+between the two steps cannot delete a file in use; writers that `put` first are covered by the same grace.
 """
 
 from __future__ import annotations
