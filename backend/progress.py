@@ -10,6 +10,7 @@ dropped connection, a watcher that subscribed late) delays an update by at most 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backend.redis import LuaScript
 
@@ -165,6 +168,9 @@ async def watch(
     a Redis state that expired or was never written. ``on_subscribed`` is awaited once the subscription is
     live, before the first read. Raises TimeoutError if ``timeout_s`` passes without a terminal event.
 
+    While Redis is unreachable the watch does not fail: it awaits ``fallback`` every ``poll_s`` (so a job that
+    ends meanwhile still ends the watch) and subscribes again once Redis answers.
+
     Use ``contextlib.aclosing(watch(...))`` when you may stop early, so the pub/sub connection is released.
     """
     if poll_s <= 0:
@@ -189,53 +195,78 @@ async def watch(
     def remaining() -> float | None:
         return None if deadline is None else deadline - loop.time()
 
-    pubsub = redis.pubsub()
-    try:
-        await pubsub.subscribe(channel(job_id))
-        # Wait for the server's confirmation: only then is the subscription live for publishers.
-        while True:
-            left = remaining()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"no subscription confirmation for job {job_id}")
-            msg = await pubsub.get_message(timeout=5.0 if left is None else min(left, 5.0))
-            if msg is not None and msg["type"] == "subscribe":
-                break
-        if on_subscribed is not None:
-            await on_subscribed()
+    def check_deadline() -> None:
+        if deadline is not None and loop.time() >= deadline:
+            raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
 
-        next_poll = loop.time()  # read the stored state immediately
-        while True:
-            now = loop.time()
-            if deadline is not None and now >= deadline:
-                raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
-            if now >= next_poll:
-                next_poll = now + poll_s
-                ev = await latest(redis, job_id)
+    subscribed_once = False
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(channel(job_id))
+            # Wait for the server's confirmation: only then is the subscription live for publishers.
+            while True:
+                left = remaining()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no subscription confirmation for job {job_id}")
+                msg = await pubsub.get_message(timeout=5.0 if left is None else min(left, 5.0))
+                if msg is not None and msg["type"] == "subscribe":
+                    break
+            if on_subscribed is not None and not subscribed_once:
+                await on_subscribed()
+            subscribed_once = True
+
+            next_poll = loop.time()  # read the stored state immediately
+            while True:
+                now = loop.time()
+                check_deadline()
+                if now >= next_poll:
+                    next_poll = now + poll_s
+                    ev = await latest(redis, job_id)
+                    if fresh(ev):
+                        yield ev
+                        if ev.terminal:
+                            return
+                    if fallback is not None:
+                        fb = await fallback()
+                        if fb is not None and fb.terminal and fresh(fb):
+                            yield fb
+                            return
+                    continue
+                wait = next_poll - now if deadline is None else min(next_poll, deadline) - now
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))
+                if msg is None or msg["type"] != "message":
+                    continue
+                try:
+                    ev = ProgressEvent.from_json(msg["data"])
+                except (ValueError, TypeError) as exc:
+                    log.warning("ignoring unreadable progress message for job %s: %s", job_id, exc)
+                    continue
                 if fresh(ev):
                     yield ev
                     if ev.terminal:
                         return
+        except (RedisConnectionError, RedisTimeoutError, ConnectionError) as exc:
+            # Redis away: the fallback (the SQL row) still says when the job ends; subscribe again once it is back
+            log.warning("progress of job %s: Redis unreachable (%s); reading the job row until it is back", job_id, exc)
+            while True:
+                check_deadline()
                 if fallback is not None:
                     fb = await fallback()
                     if fb is not None and fb.terminal and fresh(fb):
                         yield fb
                         return
-                continue
-            wait = next_poll - now if deadline is None else min(next_poll, deadline) - now
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))
-            if msg is None or msg["type"] != "message":
-                continue
-            try:
-                ev = ProgressEvent.from_json(msg["data"])
-            except (ValueError, TypeError) as exc:
-                log.warning("ignoring unreadable progress message for job %s: %s", job_id, exc)
-                continue
-            if fresh(ev):
-                yield ev
-                if ev.terminal:
-                    return
-    finally:
-        await pubsub.aclose()
+                await asyncio.sleep(poll_s)
+                try:
+                    await redis.ping()
+                except (RedisConnectionError, RedisTimeoutError, ConnectionError):
+                    continue
+                if last is not None:  # a Redis that restarted empty numbers events from 1 again
+                    last = dataclasses.replace(last, seq=0)
+                break
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
 
 class JobProgress:
