@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from backend.db.models import Blob, BlobKind, Dataset, Job, StyleModel, StyleStatus
 from backend.errors import BadInputError, JobCancelledError
+from backend.jobs import FinetuneParams, FinetuneResult
 from backend.ledger import record_blob
 from backend.progress import JobProgress, ProgressEvent, publish
 from backend.worker_state import WorkerState
@@ -29,11 +30,11 @@ METRIC_SAMPLES = 128  # generated images for KID per snapshot
 IDENTITY_SAMPLES = 8  # latents rendered per swap resolution for the identity metric
 
 
-def finetune_settings(params: dict[str, Any]):
+def finetune_settings(params: FinetuneParams):
     """The job's recipe; ``steps`` and ``snapshot_every`` are counted in batches of ``BATCH`` images."""
     from gan.finetune import FinetuneSettings
 
-    steps, every = int(params.get("steps", 400)), int(params.get("snapshot_every", 50))
+    steps, every = params.steps, params.snapshot_every
     return FinetuneSettings(
         kimg=steps * BATCH / 1000,
         snapshot_kimg=every * BATCH / 1000,
@@ -91,10 +92,10 @@ async def run_finetune(w: WorkerState, job: Job) -> dict[str, Any]:
     from gan.checkpoints import read_checkpoint
     from gan.finetune import DatasetRefusedError, FinetuneRun, IdentityMeter, ingest
 
-    rt, p = w.rt, job.params
+    rt, p = w.rt, FinetuneParams.from_json(job.params)
     async with rt.sessions() as s:
-        style = await s.get(StyleModel, p["style_id"])
-        dataset = await s.get(Dataset, p["dataset_id"])
+        style = await s.get(StyleModel, p.style_id)
+        dataset = await s.get(Dataset, p.dataset_id)
         blob = await s.get(Blob, dataset.blob_id) if dataset and dataset.blob_id else None
     if style is None or blob is None or not rt.blobs.exists(blob.sha256):
         raise BadInputError("the dataset or style of this fine-tune is gone")
@@ -160,12 +161,12 @@ async def run_finetune(w: WorkerState, job: Job) -> dict[str, Any]:
         await s.execute(sa.update(Dataset).where(Dataset.id == dataset.id).values(status="used"))
         await s.commit()
     counts = data.report.counts()
-    return {
-        "style": style.name,
-        "checkpoint": str(out),
-        "images": len(data.images),
-        "steps": result.steps,
-        "metrics": result.metrics[-1] if result.metrics else None,
-        "dataset": counts,
-        "report": str(work / "report.json"),
-    }
+    return FinetuneResult(
+        style=style.name,
+        checkpoint=str(out),
+        images=len(data.images),
+        steps=result.steps,
+        metrics=result.metrics[-1] if result.metrics else None,
+        dataset=counts,
+        report=str(work / "report.json"),
+    ).to_json()

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from backend import keys
 from backend.redis import LuaScript
 
 __all__ = [
@@ -47,14 +48,8 @@ STATE_TTL_S = 86_400
 PROGRESS_EVERY_S = 0.25  # a job publishes progress at most this often (its first and last step always go out)
 
 
-def state_key(job_id: str) -> str:
-    """Key holding the job's latest event as JSON."""
-    return f"toonify:job:{job_id}:state"
-
-
-def channel(job_id: str) -> str:
-    """Pub/sub channel carrying every event of the job."""
-    return f"toonify:job:{job_id}:progress"
+state_key = keys.job_state  # the job's latest event as JSON
+channel = keys.job_progress_channel  # every event of the job, as it happens
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,16 @@ from backend.config import Settings
 from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
 from backend.errors import BadInputError, JobCancelledError
 from backend.finetune import run_finetune
-from backend.ledger import STATS_KEY, enqueue, record_blob
+from backend.jobs import PreviewParams, ToonParams, ToonResult
+from backend.keys import QUEUE_NAMES, STATS_KEY
+from backend.ledger import enqueue, record_blob
 from backend.logs import JOB_ID
 from backend.model_cache import ModelCache
 from backend.progress import JobProgress, ProgressEvent, publish
 from backend.redis import redis_settings
-from backend.runtime import QUEUE_NAMES, Runtime, open_runtime
+from backend.runtime import Runtime, open_runtime
 from backend.worker_state import WorkerState, heartbeat_key, reconcile
 from gan.align import FaceTooSmallError, NoFaceError
-from gan.blending import BlendSpec
 from gan.encoder import generator_hash
 from gan.imageio import BadImageError, decode_image
 from gan.projection import ProjectionCancelledError
@@ -182,11 +183,11 @@ async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
 
 
 async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) -> dict[str, Any]:
-    rt, p = w.rt, job.params
+    rt, p = w.rt, ToonParams.from_json(job.params)
     progress = w.progress[job.id] = JobProgress(rt.pool, job.id)
     async with rt.sessions() as s:
         blob = await s.get(Blob, job.input_blob_id) if job.input_blob_id else None
-        style = await s.get(StyleModel, p["style_id"])
+        style = await s.get(StyleModel, p.style_id)
     if blob is None or not rt.blobs.exists(blob.sha256):
         raise BadInputError("the photo for this job has expired or was deleted; send it again")
     if style is None:
@@ -202,14 +203,14 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
     progress("align", 0, 1, "finding faces")
     try:
         image = await asyncio.to_thread(decode_image, data)
-        alignment = await asyncio.to_thread(tf.align, image, all_faces=p.get("all_faces", True))
+        alignment = await asyncio.to_thread(tf.align, image, all_faces=p.all_faces)
     except (BadImageError, NoFaceError, FaceTooSmallError) as e:
         raise BadInputError(str(e)) from e
     aligned = list(alignment)
     progress("align", 1, 1, f"{len(aligned)} face(s)")
     await w.check_cancel(job.id)
 
-    mode = p.get("mode", "balanced")
+    mode = p.mode
     base_hash = generator_hash(tf.base)
     latents = await _cached_latents(rt, job.user_id, blob.sha256, base_hash, mode, len(aligned))
     if latents is None:
@@ -232,7 +233,7 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
     await w.check_cancel(job.id)
 
     progress("render", 0, 1, "drawing the toon")
-    spec = BlendSpec.from_json(p.get("spec") or style.default_blend or {"mode": "swap", "resolution": 32})
+    spec = p.blend(style.default_blend)
     toon_crops = await w.batcher.call(tf.render, latents, spec)
     await w.check_cancel(job.id)
     progress("paste", 0, 1, "pasting back")
@@ -241,15 +242,15 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
     composite_sha = await _store_result(rt, job.user_id, _png(composite), rt.settings.result_retention_s)
     crop_shas = [await _store_result(rt, job.user_id, _png(c), rt.settings.result_retention_s) for c in toon_crops]
     await progress.flush()
-    return {
-        "composite": composite_sha,
-        "crops": crop_shas,
-        "faces": len(aligned),
-        "too_small": len(alignment.too_small),
-        "style": style.name,
-        "spec": spec.to_json(),
-        "image_sha256": blob.sha256,
-    }
+    return ToonResult(
+        composite=composite_sha,
+        crops=tuple(crop_shas),
+        faces=len(aligned),
+        too_small=len(alignment.too_small),
+        style=style.name,
+        spec=spec,
+        image_sha256=blob.sha256,
+    ).to_json()
 
 
 async def _toon_or_preview(w: WorkerState, job: Job) -> dict[str, Any]:
@@ -265,9 +266,9 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
 
     from gan.images import z_from_seeds
 
-    rt, p = w.rt, job.params
+    rt, p = w.rt, PreviewParams.from_json(job.params)
     async with rt.sessions() as s:
-        style = await s.get(StyleModel, p["style_id"])
+        style = await s.get(StyleModel, p.style_id)
     if style is None:
         raise BadInputError("this style no longer exists")
     toon_path = Path(style.checkpoint_path)
@@ -280,9 +281,9 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
 
     ws = await w.batcher.call(probe_ws)
     rows = []
-    for i, spec_json in enumerate(p["specs"]):
+    for i, spec in enumerate(p.specs):
         await w.check_cancel(job.id)
-        faces = await w.batcher.call(tf.render, ws, BlendSpec.from_json(spec_json))
+        faces = await w.batcher.call(tf.render, ws, spec)
         r = faces[0].width
         row = Image.new("RGB", (r * len(faces) + r // 2, r), "white")
         for j, face in enumerate(faces):
@@ -296,15 +297,9 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     sha = await _store_result(rt, job.user_id, _png(grid), rt.settings.result_retention_s)
     row_shas = [await _store_result(rt, job.user_id, _png(r), rt.settings.result_retention_s) for r in rows]
-    return {
-        "composite": sha,
-        "crops": row_shas,
-        "faces": len(PROBE_SEEDS),
-        "too_small": 0,
-        "style": style.name,
-        "spec": {},
-        "poll_id": p["poll_id"],
-    }
+    return ToonResult(
+        composite=sha, crops=tuple(row_shas), faces=len(PROBE_SEEDS), style=style.name, poll_id=p.poll_id
+    ).to_json()
 
 
 def _png(image: Image.Image) -> bytes:

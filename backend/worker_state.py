@@ -26,19 +26,20 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from backend import ledger
 from backend.batching import ProjectionBatcher
-from backend.db.models import Job, JobKind, JobStatus
+from backend.db.models import Job, JobStatus
 from backend.errors import JobCancelledError
+from backend.jobs import queue_of
+from backend.keys import QUEUE_NAMES, worker_heartbeat
 from backend.ledger import enqueue
 from backend.model_cache import BaseModels, ModelCache, base_models_from_manifest
 from backend.progress import JobProgress
-from backend.runtime import QUEUE_NAMES, Runtime
+from backend.runtime import Runtime
 
 log = logging.getLogger("toonify.worker")
 RETRY_CAP_S = 5.0  # the longest pause between two tries of a background loop whose Redis or SQL call failed
 
 
-def heartbeat_key(worker_id: str) -> str:
-    return f"toonify:worker:{worker_id}"
+heartbeat_key = worker_heartbeat  # the name this module has always exported
 
 
 def deaths_key(job_id: str) -> str:
@@ -198,7 +199,7 @@ async def reconcile(rt: Runtime, own: WorkerState | None = None) -> dict[str, in
                 await pool.expire(deaths_key(job.id), 7 * 86400)
             await pool.delete(in_progress_key_prefix + job.id)  # arq would wait out the job timeout otherwise
             counts["requeued"] += 1
-        queue = QUEUE_NAMES["finetune" if job.kind == JobKind.FINETUNE else "toon"]
+        queue = QUEUE_NAMES[queue_of(job.kind)]
         if await pool.zscore(queue, job.id) is None or not await pool.exists(job_key_prefix + job.id):
             await pool.delete(job_key_prefix + job.id)
             await enqueue(pool, job)
