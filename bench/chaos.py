@@ -125,7 +125,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=20)
     p.add_argument("--every", type=float, default=10.0, help="seconds between worker kills")
     p.add_argument("--mode", default="balanced", choices=("fast", "balanced", "quality"))
-    p.add_argument("--grace", type=int, default=3, help="TOONIFY_SHUTDOWN_GRACE_S for the workers")
+    p.add_argument("--grace", type=int, default=30, help="TOONIFY_SHUTDOWN_GRACE_S for the workers")
     p.add_argument("--heartbeat-ttl", type=int, default=4, help="TOONIFY_WORKER_HEARTBEAT_TTL_S")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--settle", type=float, default=10.0, help="seconds to wait for late duplicates")
