@@ -56,7 +56,7 @@ from gan.projection import ProjectionCancelledError
 
 log = logging.getLogger("toonify.worker")
 MAX_TRIES = 3  # attempts that end in an error before a job fails for good
-MAX_WORKER_DEATHS = 5  # a job whose worker died this often while running it (OOM?) is not tried again
+MAX_WORKER_DEATHS = 10  # a job whose worker died this often while running it (OOM?) is not tried again
 HAND_BACK_WAIT_S = 15.0  # after the grace period: how long jobs get to reach their next step and hand back
 MAINTENANCE_SECONDS = {0}  # arq cron: expiry and poll deadlines once a minute, by one worker of the fleet
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
