@@ -193,10 +193,12 @@ class EqualConv2d(nn.Module):
 class ModulatedConv2d(nn.Module):
     """Style-modulated convolution; ``upsample`` = stride-2 transposed conv followed by a blur.
 
-    Two equivalent execution paths: one grouped convolution with per-sample weights ("fused"), or a shared
-    weight with the styles applied to activations before and the demodulation after ("unfused"). The
-    unfused path is faster for batches on CPU and for big batches on GPU; both give the same result up to
-    float rounding. Modulation and demodulation are computed in float32 so half precision cannot overflow.
+    Two equivalent execution paths: one grouped convolution with per-sample weights ("fused", groups = batch),
+    or a shared weight with the styles applied to activations before and the demodulation after ("unfused").
+    ``fused=None`` (the default) chooses by device: on CUDA the grouped form for every batch size (what the
+    CUDA peers run), on CPU the grouped form for one sample and the shared form for batches (faster there).
+    Both give the same result up to float rounding (tests/test_modconv_forms.py). Modulation and
+    demodulation are computed in float32 so half precision cannot overflow.
     """
 
     def __init__(
@@ -231,7 +233,7 @@ class ModulatedConv2d(nn.Module):
         demod = None
         if self.demodulate:
             demod = torch.rsqrt((weight * styles.view(n, 1, -1, 1, 1)).square().sum([2, 3, 4]) + 1e-8)  # [N, O]
-        fused = self.fused if self.fused is not None else n == 1
+        fused = self.fused if self.fused is not None else (n == 1 or x.is_cuda)
         if not fused:
             x = x * styles.to(x.dtype).view(n, -1, 1, 1)
             wt = weight[0].to(x.dtype)
@@ -253,6 +255,15 @@ class ModulatedConv2d(nn.Module):
             return x
         x = F.conv2d(x, wn.reshape(n * self.out_ch, c, k, k).to(x.dtype), padding=self.padding, groups=n)
         return x.reshape(n, self.out_ch, *x.shape[2:])
+
+
+def set_modulated_conv_form(module: nn.Module, fused: bool | None) -> nn.Module:
+    """Force every modulated convolution under ``module`` to the grouped (True) or shared-weight (False) form,
+    or back to the per-device choice (None); returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, ModulatedConv2d):
+            m.fused = fused
+    return module
 
 
 class NoiseInjection(nn.Module):

@@ -9,7 +9,8 @@ features once. Losses hold no trainable parameters and stay in eval mode.
   Without the lin file it is LPIPS's "baseline" (lpips=False: unweighted channel sum), name "vgg16-features".
 - ``DiscriminatorFeatureLoss``: the fallback when those files are absent: the base checkpoint's own discriminator
   features, unit-normalised over channels like LPIPS, plus a pixel term and a multi-scale (1, 1/2, 1/4) term.
-  Without a discriminator it is pixel + multi-scale only (name "pixel"), with a warning.
+  Without a discriminator it is pixel + multi-scale only (name "pixel"), with a warning. Above ``max_size``
+  (256) px the feature term sees the images area-downsampled to 256 px, as LPIPS does.
 """
 
 from __future__ import annotations
@@ -204,7 +205,10 @@ class DiscriminatorFeatureLoss(PerceptualLoss):
     """Fallback: unit-normalised ``D.features`` distance (mean over blocks) + pixel (l1/l2) + multi-scale MSE.
 
     The discriminator is put in eval mode and frozen in place (pass a copy if you still train it); images are
-    resized to its resolution for the feature term. ``discriminator=None`` leaves the pixel terms only."""
+    resized to its resolution for the feature term. A discriminator larger than ``max_size`` sees the images
+    area-downsampled to ``max_size`` instead: its blocks are fully convolutional, so its first blocks run on
+    them down to 4 px (as many blocks as a ``max_size`` discriminator has), and the feature term costs what it
+    costs at ``max_size`` whatever the model's resolution. ``discriminator=None`` leaves the pixel terms only."""
 
     def __init__(
         self,
@@ -215,8 +219,10 @@ class DiscriminatorFeatureLoss(PerceptualLoss):
         multiscale_weight: float = 1.0,
         pixel: str = "l1",
         scales: Sequence[int] = (1, 2, 4),
+        max_size: int = 256,
     ) -> None:
         super().__init__()
+        self.max_size = int(max_size)
         if pixel not in ("l1", "l2"):
             raise ValueError(f"pixel must be 'l1' or 'l2', got {pixel!r}")
         self.D = None if discriminator is None else discriminator.eval().requires_grad_(False)
@@ -230,8 +236,17 @@ class DiscriminatorFeatureLoss(PerceptualLoss):
         pyramid = [images if s == 1 else F.avg_pool2d(images, s) for s in self.scales]
         if self.D is None:
             return [images, *pyramid]
+        return [images, *pyramid, *(_unit(f) for f in self._features(images))]
+
+    def _features(self, images: Tensor) -> list[Tensor]:
         r = self.D.resolution
-        return [images, *pyramid, *(_unit(f) for f in self.D.features(_resize(images, (r, r))))]
+        if r <= self.max_size:
+            return self.D.features(_resize(images, (r, r)))
+        x, feats = _resize(images, (self.max_size, self.max_size)), []
+        for block in list(self.D.convs)[: 1 + (self.max_size // 4).bit_length() - 1]:  # fromRGB, then to 4 px
+            x = block(x)
+            feats.append(x)
+        return feats
 
     def compare(self, fa: Sequence[Tensor], fb: Sequence[Tensor]) -> Tensor:
         wf, wp, wm = self.weights

@@ -8,7 +8,9 @@ renormalised every step.
 
 Batching: N photos are optimised in one pass, each with its own latent, noise maps, latent-noise draws and
 loss term. Adam works element-wise and the loss is a sum of per-photo terms, so photo i gets exactly the
-updates it would get alone (up to float rounding): one GPU serves many users at once.
+updates it would get alone (up to float rounding): one GPU serves many users at once. A loss with
+``embed``/``compare`` (every :class:`gan.perceptual.PerceptualLoss`) gets the targets' features once per pass,
+not once per step. How many faces fit in one pass on a GPU: :func:`faces_per_pass`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,66 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gan.networks import Generator
+from gan.networks import Generator, GeneratorConfig
 
 ProgressFn = Callable[[int, int, Tensor], None]  # (step, total, per-photo loss [N])
 
 
 class ProjectionCancelledError(Exception):
     """The caller's cancellation check returned True between two steps."""
+
+
+class ProjectionMemoryError(RuntimeError):
+    """Not even one face fits in the device memory that is free."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory per face. What a projection step keeps alive per face is what autograd saves for the backward pass:
+# per synthesis level (resolution r, c channels) the conv inputs, outputs, the demodulated and activated maps,
+# and for upsampling levels the transposed-conv and blur outputs: a multiple of c·r² floats. Measured on CPU
+# with torch.autograd.graph.saved_tensors_hooks (tests/test_projection.py checks the bound), the generator
+# saves at most 10x Σ c·r² floats per face in either modulated-convolution form, the loss network (at most
+# LOSS_MAX_RESOLUTION px) at most 8.6x its Σ c·r². The estimate rounds these up (12x, 10x, with the
+# generator's own channel table standing in for the loss network's, which is smaller for LPIPS-VGG16 and for
+# the D-feature loss at 256 px), adds the optimised noise maps (value, gradient, two Adam moments) and keeps
+# MEMORY_HEADROOM of the free memory for the allocator's fragmentation and convolution workspaces.
+
+G_SAVED_FACTOR, LOSS_SAVED_FACTOR = 12, 10
+LOSS_MAX_RESOLUTION = 256  # the perceptual / D-feature networks see at most this size (NVIDIA's projector: 256)
+MEMORY_HEADROOM = 0.85
+
+
+def activation_elements(config: GeneratorConfig, resolution: int | None = None) -> int:
+    """Σ c·r² over the synthesis levels up to ``resolution`` (default: the generator's): one float per
+    activation of one face at each level."""
+    top = config.resolution if resolution is None else resolution
+    return sum(c * r * r for r, c in config.channels.items() if r <= top)
+
+
+def projection_bytes_per_face(config: GeneratorConfig, *, steps: int = 1, bytes_per_element: int = 4) -> int:
+    """Estimated device bytes one face adds to a projection pass (see the formula above). ``steps == 0``
+    (fast mode: the encoder only, no graph kept) counts two live activation maps per level."""
+    g = activation_elements(config)
+    if steps == 0:
+        return 2 * g * bytes_per_element
+    loss = activation_elements(config, min(config.resolution, LOSS_MAX_RESOLUTION))
+    noise = 2 * sum(r * r for r in config.channels if r >= 8) + 16  # two noise maps per level above 4 px
+    return bytes_per_element * (G_SAVED_FACTOR * g + LOSS_SAVED_FACTOR * loss + 4 * noise)
+
+
+def faces_per_pass(
+    free_bytes: int, config: GeneratorConfig, *, steps: int = 1, max_faces: int = 16, headroom: float = MEMORY_HEADROOM
+) -> int:
+    """How many faces one projection pass may take with ``free_bytes`` of device memory free: at most
+    ``max_faces``, at least 1; raises :class:`ProjectionMemoryError` when not even one face fits."""
+    per_face = projection_bytes_per_face(config, steps=steps)
+    fit = int(free_bytes * headroom) // per_face
+    if fit < 1:
+        raise ProjectionMemoryError(
+            f"one face at {config.resolution} px needs about {per_face / 2**30:.2f} GiB for projection "
+            f"(/{headroom:.2f} headroom), only {free_bytes / 2**30:.2f} GiB of device memory is free"
+        )
+    return max(1, min(fit, max_faces))
 
 
 @dataclass(frozen=True)
@@ -130,8 +185,13 @@ def project_batch(
         for b in G.noise_buffers()
     ]
     params = [latent] + (noise if config.optimize_noise else [])
-    opt = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), fused=device.type == "cuda" or None)
     G.requires_grad_(False)
+    embed, compare = getattr(loss_fn, "embed", None), getattr(loss_fn, "compare", None)
+    target_features = None
+    if embed is not None and compare is not None:  # the targets' features once per pass, not once per step
+        with torch.no_grad():
+            target_features = embed(targets)
     history = []
     for step in range(config.steps):
         if should_cancel is not None and should_cancel():
@@ -143,7 +203,7 @@ def project_batch(
         jitter = torch.cat([torch.randn(1, *latent.shape[1:], generator=g) for g in gens]).to(device)
         ws = (latent + jitter * strength).expand(-1, G.num_ws, -1)
         images = G.synthesis(ws, noise=noise)
-        per_photo = loss_fn(images, targets)
+        per_photo = loss_fn(images, targets) if target_features is None else compare(embed(images), target_features)
         if config.mse_weight:
             per_photo = per_photo + config.mse_weight * (images - targets).square().mean(dim=(1, 2, 3))
         total = per_photo.sum()
@@ -154,7 +214,7 @@ def project_batch(
         opt.step()
         if config.optimize_noise:
             _normalize_noise_(noise)
-        history.append(per_photo.detach().cpu())
+        history.append(per_photo.detach())  # stays on the device: no host synchronisation per step
         if progress is not None:
             progress(step + 1, config.steps, history[-1])
 
@@ -162,5 +222,5 @@ def project_batch(
     final_noise = [x.detach() for x in noise]
     with torch.no_grad():
         images = G.synthesis(ws, noise=final_noise)
-    losses = torch.stack(history) if history else torch.zeros(0, n)
+    losses = torch.stack(history).cpu() if history else torch.zeros(0, n)
     return ProjectionResult(ws=ws, noise=final_noise, losses=losses, images=images)

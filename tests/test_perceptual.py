@@ -257,3 +257,19 @@ def test_build_picks_the_best_available(files, tmp_path, no_env, monkeypatch):
     monkeypatch.setenv(LPIPS_ENV, str(paths["lin"]))
     monkeypatch.setenv(VGG_ENV, str(paths["vgg"]))
     assert build_perceptual_loss(size=SIZE).name == "lpips-vgg16"
+
+
+def test_d_feature_loss_runs_large_discriminators_at_max_size():
+    """Above max_size the feature term sees max_size-px images through D's first blocks, down to 4 px."""
+
+    D = make_tiny_discriminator(3, resolution=64)
+    capped = DiscriminatorFeatureLoss(D, max_size=16)
+    full = DiscriminatorFeatureLoss(D)
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    k = len(capped.scales) + 1  # pixel + pyramid entries come first
+    feats = capped.embed(a)[k:]
+    assert [f.shape[-1] for f in feats] == [16, 8, 4]  # fromRGB at 16 px, then two blocks: 16 -> 8 -> 4
+    assert [f.shape[-1] for f in full.embed(a)[k:]] == [64, 32, 16, 8, 4]
+    d = capped(a, b)
+    assert d.shape == (2,) and torch.isfinite(d).all() and not torch.equal(d, full(a, b))
+    assert torch.equal(capped(a, a), torch.zeros(2))

@@ -3,12 +3,16 @@ import torch
 
 from gan.perceptual import DiscriminatorFeatureLoss
 from gan.projection import (
+    MEMORY_HEADROOM,
     ProjectionCancelledError,
     ProjectionConfig,
+    ProjectionMemoryError,
+    faces_per_pass,
     latent_stats,
     learning_rate,
     noise_regularization,
     project_batch,
+    projection_bytes_per_face,
 )
 from tests.conftest import make_tiny_discriminator, make_tiny_generator
 
@@ -104,3 +108,84 @@ def test_bad_target_shape(setup):
         project_batch(G, torch.zeros(1, 3, 16, 16), pixel_loss)
     with pytest.raises(ValueError):
         project_batch(G, torch.zeros(2, 3, 32, 32), pixel_loss, seeds=[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets' features once per pass; memory per face and faces per pass
+
+
+class CountingLoss(DiscriminatorFeatureLoss):
+    def __init__(self, D) -> None:
+        super().__init__(D)
+        self.embedded: list[bool] = []  # requires_grad of each embedded batch
+
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        self.embedded.append(images.requires_grad)
+        return super().embed(images)
+
+
+def test_targets_are_embedded_once_per_pass_with_the_same_result(setup):
+    G, targets = setup
+    cfg = ProjectionConfig(steps=4)
+    loss = CountingLoss(make_tiny_discriminator(2))
+    cached = project_batch(G, targets, loss, cfg, seeds=[1, 2, 3])
+    assert loss.embedded == [False] + [True] * 4  # the targets once, then the renders each step
+
+    class Plain(torch.nn.Module):  # the same loss without embed/compare: the targets embedded every step
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, a, b):
+            return self.inner(a, b)
+
+    plain = project_batch(G, targets, Plain(DiscriminatorFeatureLoss(make_tiny_discriminator(2))), cfg, seeds=[1, 2, 3])
+    assert torch.equal(cached.ws, plain.ws) and torch.equal(cached.losses, plain.losses)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass while ``fn`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_memory_estimate_bounds_what_autograd_saves(resolution, fused):
+    from gan.networks import set_modulated_conv_form
+
+    G = set_modulated_conv_form(make_tiny_generator(1, resolution), fused)
+    loss = DiscriminatorFeatureLoss(make_tiny_discriminator(2, resolution))
+    n = 2
+    ws = G.w_avg.expand(n, G.num_ws, -1).clone().requires_grad_(True)
+    targets = torch.rand(n, 3, resolution, resolution)
+    measured = _saved_bytes(lambda: loss(G.synthesis(ws), targets)) / n
+    estimate = projection_bytes_per_face(G.config)
+    assert measured <= estimate <= 3 * measured
+
+
+def test_faces_per_pass_grows_with_memory_and_is_capped():
+    from gan.networks import GeneratorConfig
+
+    config = GeneratorConfig(resolution=1024)  # config-f
+    per_face = projection_bytes_per_face(config)
+    counts = [faces_per_pass(gib * 2**30, config, max_faces=64) for gib in (6, 12, 24, 40, 80, 141)]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] > counts[0]
+    assert faces_per_pass(22 * 2**30, config, max_faces=64) >= 1  # a 24 GiB card serves 1024 px
+    assert faces_per_pass(10**15, config, max_faces=16) == 16
+    assert faces_per_pass(int(per_face / MEMORY_HEADROOM) + 1, config) == 1
+    with pytest.raises(ProjectionMemoryError, match=r"1024 px needs about .* GiB"):
+        faces_per_pass(int(per_face / MEMORY_HEADROOM) - 2**20, config)
+    # fewer pixels, more faces; fast mode (no optimisation) fits many more
+    small = GeneratorConfig(resolution=256)
+    assert faces_per_pass(24 * 2**30, small, max_faces=256) > 2 * faces_per_pass(24 * 2**30, config, max_faces=256)
+    assert faces_per_pass(24 * 2**30, config, steps=0, max_faces=256) > faces_per_pass(
+        24 * 2**30, config, max_faces=256
+    )
