@@ -6,6 +6,11 @@ so the event loop keeps serving Redis) and everything that arrived while the pre
 next pass together. Projection cost per step barely grows with the batch, so N waiting jobs finish in about
 the time of one. Every face keeps its own seed, so a photo gets the same latents alone or in any batch.
 
+On a GPU a pass takes at most the faces the free device memory holds (:func:`gan.projection.faces_per_pass`,
+from ``torch.cuda.mem_get_info`` plus what torch's allocator has cached), so no card runs out of memory;
+a request with more faces than that is projected in several passes of that size. On CPU the cap is
+``max_faces``.
+
 A job cancelled mid-pass is released at the next optimisation step (its waiter gets
 :class:`~gan.projection.ProjectionCancelledError`) while the others in the pass go on; a pass whose every job
 was cancelled stops.
@@ -26,10 +31,19 @@ import torch
 from torch import Tensor
 
 from gan.pipeline import Toonifier
-from gan.projection import ProjectionCancelledError
+from gan.projection import ProjectionCancelledError, faces_per_pass
 
 T = TypeVar("T")
 StepProgress = Callable[[int, int], None]  # (step, total), called on the event loop
+FreeMemory = Callable[[torch.device], int | None]  # free bytes on a device; None: no memory cap (CPU)
+
+
+def cuda_free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device, counting what torch's caching allocator holds but does not use; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 @dataclass(eq=False)
@@ -45,8 +59,16 @@ class _Request:
 class ProjectionBatcher:
     """One projection pass at a time; requests for the same (toonifier, mode) that wait are batched."""
 
-    def __init__(self, *, max_faces: int = 16, window_s: float = 0.02, max_wait_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_faces: int = 16,
+        window_s: float = 0.02,
+        max_wait_s: float = 2.0,
+        free_memory: FreeMemory = cuda_free_memory,
+    ) -> None:
         self.max_faces = max_faces
+        self.free_memory = free_memory  # sizes GPU passes; the default asks CUDA, and says None on CPU
         self.window_s = window_s  # after the first request, wait this long for company
         self.max_wait_s = max_wait_s  # ... and up to this long while announced jobs are still aligning
         self._coming = 0  # jobs that announced a projection request (still decoding/aligning)
@@ -106,6 +128,15 @@ class ProjectionBatcher:
 
         return release
 
+    def faces_cap(self, toonifier: Toonifier, mode: str) -> int:
+        """Faces one pass may take: ``max_faces``, and on a GPU no more than its free memory holds. Raises
+        :class:`~gan.projection.ProjectionMemoryError` when not even one face fits."""
+        free = self.free_memory(toonifier.device)
+        if free is None:
+            return self.max_faces
+        steps = toonifier.modes[mode].steps if mode in toonifier.modes else 1
+        return faces_per_pass(free, toonifier.base.config, steps=steps, max_faces=self.max_faces)
+
     async def close(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
@@ -124,11 +155,18 @@ class ProjectionBatcher:
             self._wake.clear()
             while self._pending:
                 key = next(iter(self._pending))  # oldest group first
+                try:
+                    cap = self.faces_cap(self._toonifiers[key], key[1])
+                except Exception as e:  # not even one face fits: every waiter of this group hears why
+                    for req in self._pending.pop(key):
+                        if not req.future.done():
+                            req.future.set_exception(e)
+                    continue
                 batch, rest, faces = [], [], 0
                 for req in self._pending.pop(key):
                     if req.future.done():
                         continue
-                    if batch and faces + req.crops.shape[0] > self.max_faces:
+                    if batch and faces + req.crops.shape[0] > cap:
                         rest.append(req)
                     else:
                         batch.append(req)
@@ -137,10 +175,12 @@ class ProjectionBatcher:
                     self._pending[key] = rest
                 if batch:
                     await loop.run_in_executor(
-                        self._executor, self._run_pass, loop, self._toonifiers[key], key[1], batch
+                        self._executor, self._run_pass, loop, self._toonifiers[key], key[1], batch, cap
                     )
 
-    def _run_pass(self, loop: asyncio.AbstractEventLoop, tf: Toonifier, mode: str, batch: list[_Request]) -> None:
+    def _run_pass(
+        self, loop: asyncio.AbstractEventLoop, tf: Toonifier, mode: str, batch: list[_Request], cap: int
+    ) -> None:
         def answer(req: _Request, result: Tensor | None = None, error: BaseException | None = None) -> None:
             req.released = True
 
@@ -155,8 +195,11 @@ class ProjectionBatcher:
                 if not req.released and req.cancelled.is_set():
                     answer(req, error=ProjectionCancelledError(f"cancelled at step {step}/{total}"))
 
+        chunk = [0, 1]  # (index, count) of the memory-sized pass running now: progress spans all of them
+
         def progress(stage: str, step: int, total: int) -> None:
             release_cancelled(step, total)
+            step, total = chunk[0] * total + step, chunk[1] * total
             for req in batch:
                 if req.progress is not None and not req.released:
                     loop.call_soon_threadsafe(req.progress, step, total)
@@ -165,12 +208,19 @@ class ProjectionBatcher:
             release_cancelled(0, 0)
             return all(req.released for req in batch)
 
-        self.passes.append(sum(r.crops.shape[0] for r in batch))
         try:
-            crops = torch.cat([r.crops for r in batch]).to(tf.device)
+            crops = torch.cat([r.crops for r in batch])
             seeds = [s for r in batch for s in r.seeds]
-            latents, _ = tf.project(crops, mode, progress=progress, should_cancel=should_cancel, seeds=seeds)
-            latents = latents.detach().cpu()
+            starts = range(0, len(crops), cap)  # one request may hold more faces than fit: several passes
+            chunk[1], parts = len(starts), []
+            for chunk[0], start in enumerate(starts):
+                part = crops[start : start + cap].to(tf.device)
+                self.passes.append(len(part))
+                latents, _ = tf.project(
+                    part, mode, progress=progress, should_cancel=should_cancel, seeds=seeds[start : start + cap]
+                )
+                parts.append(latents.detach().cpu())
+            latents = torch.cat(parts)
         except BaseException as e:  # every waiter must hear about the failure
             for req in batch:
                 if not req.released:

@@ -10,7 +10,7 @@ import torch
 
 from backend.batching import ProjectionBatcher
 from gan.pipeline import ModeSettings, Toonifier
-from gan.projection import ProjectionCancelledError
+from gan.projection import MEMORY_HEADROOM, ProjectionCancelledError, ProjectionMemoryError, projection_bytes_per_face
 from tests.conftest import make_tiny_generator
 
 
@@ -79,3 +79,40 @@ async def test_requests_beyond_max_faces_wait_for_the_next_pass():
     results = await asyncio.gather(*(batcher.project(tf, crops(i, 1), "quality", seeds=[i]) for i in range(5)))
     await batcher.close()
     assert len(results) == 5 and sum(batcher.passes) == 5 and max(batcher.passes) <= 2
+
+
+def memory_for(tf: Toonifier, faces: float) -> int:
+    """Free bytes that hold ``faces`` faces of ``tf``'s projection (by gan.projection's estimate)."""
+    per_face = projection_bytes_per_face(tf.base.config, steps=tf.modes["quality"].steps)
+    return int(faces * per_face / MEMORY_HEADROOM)
+
+
+@pytest.mark.asyncio
+async def test_passes_are_sized_by_free_memory_and_big_requests_split():
+    tf = make_toonifier(steps=4)
+    many = crops(7, 5)
+    solo = ProjectionBatcher()  # CPU: no memory figure, max_faces only
+    assert solo.faces_cap(tf, "quality") == solo.max_faces
+    alone = await solo.project(tf, many, "quality", seeds=[1, 2, 3, 4, 5])
+    await solo.close()
+    assert solo.passes == [5]
+
+    seen: list[tuple[int, int]] = []
+    batcher = ProjectionBatcher(window_s=0.05, free_memory=lambda device: memory_for(tf, 2.5))
+    assert batcher.faces_cap(tf, "quality") == 2
+    got = await batcher.project(tf, many, "quality", seeds=[1, 2, 3, 4, 5], progress=lambda s, t: seen.append((s, t)))
+    singles = await asyncio.gather(*(batcher.project(tf, crops(i, 1), "quality", seeds=[i]) for i in range(5)))
+    await batcher.close()
+    assert batcher.passes[:3] == [2, 2, 1] and max(batcher.passes[3:]) <= 2 and sum(batcher.passes[3:]) == 5
+    torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)  # per-face seeds: same latents in any split
+    assert len(singles) == 5
+    assert [t for _, t in seen] == [12] * 12 and [s for s, _ in seen] == list(range(1, 13))  # 3 passes x 4
+
+
+@pytest.mark.asyncio
+async def test_no_face_fits_refuses_clearly():
+    tf = make_toonifier(steps=4)
+    batcher = ProjectionBatcher(window_s=0.01, free_memory=lambda device: memory_for(tf, 0.5))
+    with pytest.raises(ProjectionMemoryError, match="needs about"):
+        await batcher.project(tf, crops(1, 1), "quality", seeds=[1])
+    await batcher.close()
