@@ -887,7 +887,7 @@ class FinetuneRun:
 
         while t.step_count < total:
             target = min(total, (t.step_count // every + 1) * every)
-            if not t.train(steps=target, progress=step_progress, should_cancel=should_cancel):
+            if not t.train(steps=target, progress=step_progress, should_cancel=should_cancel, stats_every=every):
                 t.save_snapshot(self.snapshot_path)
                 return self._result("cancelled", None)
             self._record(on_snapshot, save=True)

@@ -12,8 +12,14 @@ augmentation probability: each augmentation is applied to a sample with probabil
 (bfloat16 autocast) is used on CUDA when asked: bfloat16 has float32's range, so no loss scaling is needed
 around the lazy R1 double backward; the regularisation passes themselves run in float32.
 
-Every random draw comes from the trainer's own seeded generator, so a run is reproducible and a resumed
-snapshot continues exactly where the interrupted run was (on the same device and thread count).
+Every random draw comes from the trainer's own seeded generators, so a run is reproducible and a resumed
+snapshot continues exactly where the interrupted run was (on the same device and thread count). On CPU one
+generator serves everything; on CUDA the per-sample draws (latents, noise, augmentations, flips) come from a
+generator on the device, so no step copies random numbers from the host, while the data order and style-mixing
+decisions stay on a CPU generator. A dataset given as an array is held on the device as uint8, converted to
+float per batch. No step waits for the device (no ``.item()``) unless asked for statistics
+(``step(stats=True)``, every ``stats_every`` steps in :meth:`Trainer.train`) or ADA adjusts its probability
+(every ``ada_interval`` steps).
 """
 
 from __future__ import annotations
@@ -114,13 +120,15 @@ def diff_augment(
         return x
     n = x.shape[0]
 
+    where = None if generator is None else generator.device  # a CUDA generator draws on the device
+
     def rand(*shape: int) -> Tensor:
-        return torch.rand(shape, generator=generator).to(x.device, x.dtype)
+        return torch.rand(shape, generator=generator, device=where).to(x.device, x.dtype)
 
     for q in policies:
         augmented = _AUGMENT_FNS[q](x, rand)
         if p < 1.0:
-            keep = (torch.rand(n, generator=generator) >= p).to(x.device).view(n, 1, 1, 1)
+            keep = (torch.rand(n, generator=generator, device=where) >= p).to(x.device).view(n, 1, 1, 1)
             augmented = torch.where(keep, x, augmented)
         x = augmented
     return x
@@ -232,15 +240,19 @@ class Trainer:
         self.G_ema = (G_ema if G_ema is not None else copy.deepcopy(G)).eval().requires_grad_(False)
         self.device = G.device
         self.meta = dict(meta or {})  # lineage and dataset description, written into exported checkpoints
-        self.rng = torch.Generator().manual_seed(cfg.seed)  # all random draws, on CPU for reproducibility
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # data order, mixing decisions (and all draws on CPU)
+        # Per-sample draws: the same generator on CPU (runs reproduce as before), one on the device on CUDA.
+        on_cuda = self.device.type == "cuda"
+        self.device_rng = torch.Generator(self.device).manual_seed(cfg.seed) if on_cuda else self.rng
         self.step_count, self.nimg = 0, 0
         self.pl_mean = torch.zeros([], device=self.device)
         self.aug_p = cfg.initial_aug_p
-        self._ada_signs = [0.0, 0]  # sum of sign(D(real)) and count since the last ADA adjustment
+        # sum of sign(D(real)) (kept on the device: read only when p is adjusted) and count since the last one
+        self._ada_sum, self._ada_count = torch.zeros([], device=self.device), 0
         self._iter: Iterator[Tensor] | None = None
         if isinstance(data, np.ndarray | Tensor):
             self.data = _check_images(data, D.resolution).to(self.device)  # uint8 stays uint8 until sampled
-            self._perm, self._pos = torch.randperm(len(self.data), generator=self.rng), 0
+            self._set_perm(torch.randperm(len(self.data), generator=self.rng), 0)
         else:
             self.data, self._iter = None, iter(data)
         self.g_params = trainable_generator_params(G, cfg.freeze_g)
@@ -255,6 +267,21 @@ class Trainer:
 
     AMP_DEVICE_TYPES = ("cuda",)  # where mixed_precision applies (tests widen it to run the path on CPU)
 
+    @property
+    def _ada_signs(self) -> list:
+        """[sum of sign(D(real)), count] since the last ADA adjustment (reads the device)."""
+        return [float(self._ada_sum), self._ada_count]
+
+    @_ada_signs.setter
+    def _ada_signs(self, value: list) -> None:
+        self._ada_sum = torch.tensor(float(value[0]), device=self.device)
+        self._ada_count = int(value[1])
+
+    def _set_perm(self, perm: Tensor, pos: int) -> None:
+        """The data order (drawn on CPU) and its copy on the device, so sampling a batch reads no host index."""
+        self._perm, self._pos = perm, pos
+        self._perm_device = perm.to(self.device)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
@@ -263,7 +290,10 @@ class Trainer:
     def _adam(self, params: list[Tensor], lr: float, reg_every: int) -> torch.optim.Adam:
         ratio = reg_every / (reg_every + 1) if reg_every > 0 else 1.0  # lazy regularisation correction
         betas = tuple(b**ratio for b in self.cfg.betas)
-        return torch.optim.Adam(params or [torch.zeros(0)], lr=lr * ratio, betas=betas, eps=1e-8)
+        fused = bool(params) and all(p.is_cuda for p in params)  # one kernel for all tensors on CUDA
+        return torch.optim.Adam(
+            params or [torch.zeros(0)], lr=lr * ratio, betas=betas, eps=1e-8, fused=True if fused else None
+        )
 
     # -- sampling ------------------------------------------------------------------------------------------
 
@@ -272,21 +302,23 @@ class Trainer:
         if self.data is None:
             x = images_to_tensor(next(self._iter)).to(self.device)
         else:
-            idx = []
-            while len(idx) < n:
+            takes, count = [], 0
+            while count < n:
                 if self._pos >= len(self._perm):
-                    self._perm, self._pos = torch.randperm(len(self.data), generator=self.rng), 0
-                take = self._perm[self._pos : self._pos + n - len(idx)]
-                idx += take.tolist()
+                    self._set_perm(torch.randperm(len(self.data), generator=self.rng), 0)
+                take = self._perm_device[self._pos : self._pos + n - count]
+                takes.append(take)
+                count += len(take)
                 self._pos += len(take)
-            x = images_to_tensor(self.data[idx])
+            x = images_to_tensor(self.data[torch.cat(takes)])
         if self.cfg.xflip:
-            flip = (torch.rand(n, generator=self.rng) < 0.5).to(self.device).view(n, 1, 1, 1)
+            flip = torch.rand(n, generator=self.device_rng, device=self.device_rng.device) < 0.5
+            flip = flip.to(self.device).view(n, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x.contiguous(memory_format=self._layout)  # the layout of G's output, so D sees one layout
 
     def _randn(self, *shape: int) -> Tensor:
-        return torch.randn(shape, generator=self.rng).to(self.device)
+        return torch.randn(shape, generator=self.device_rng, device=self.device_rng.device).to(self.device)
 
     def _ws(self, n: int) -> Tensor:
         G = self.G
@@ -308,7 +340,7 @@ class Trainer:
     def _d(self, x: Tensor) -> Tensor:
         """D's logits (float32 whatever the autocast) on augmented images."""
         if self.cfg.policies:
-            x = diff_augment(x, self.cfg.policies, self.rng, p=self.aug_p)
+            x = diff_augment(x, self.cfg.policies, self.device_rng, p=self.aug_p)
         return self.D(x).float()
 
     def _ada_update(self, real_logits: Tensor) -> None:
@@ -316,10 +348,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.ada_target is None:
             return
-        self._ada_signs[0] += real_logits.detach().sign().sum().item()
-        self._ada_signs[1] += real_logits.numel()
+        self._ada_sum = self._ada_sum + real_logits.detach().sign().sum()
+        self._ada_count += real_logits.numel()
         if (self.step_count + 1) % cfg.ada_interval == 0:
-            rt = self._ada_signs[0] / max(self._ada_signs[1], 1)
+            rt = float(self._ada_sum) / max(self._ada_count, 1)  # the one read of the device, per interval
             adjust = math.copysign(1.0, rt - cfg.ada_target) if rt != cfg.ada_target else 0.0
             adjust *= cfg.batch * cfg.ada_interval / (cfg.ada_kimg * 1000)
             self.aug_p = min(1.0, max(0.0, self.aug_p + adjust))
@@ -334,9 +366,12 @@ class Trainer:
             ema_nimg = min(ema_nimg, self.nimg * self.cfg.ema_rampup)
         return 0.5 ** (self.cfg.batch / max(ema_nimg, 1e-8))
 
-    def step(self) -> dict[str, float]:
-        """One D update (plus lazy R1), one G update (plus lazy path length), one EMA update."""
-        cfg, n, stats = self.cfg, self.cfg.batch, {}
+    def step(self, stats: bool = True) -> dict[str, float]:
+        """One D update (plus lazy R1), one G update (plus lazy path length), one EMA update. The losses are
+        returned as floats when ``stats`` (which waits for the device); otherwise only ``aug_p`` and
+        ``ema_beta``, and the step never waits for the device except for ADA's periodic adjustment."""
+        cfg, n, out = self.cfg, self.cfg.batch, {}
+        values: dict[str, Tensor] = {}
         with _mkldnn(self._mkldnn):
             # D: push real logits up and fake logits down.
             for p in self.d_params:
@@ -350,11 +385,9 @@ class Trainer:
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.d_opt.step()
-            stats.update(
-                d_loss=d_loss.item(), real_score=real_logits.mean().item(), fake_score=fake_logits.mean().item()
-            )
+            values.update(d_loss=d_loss, real_score=real_logits.mean(), fake_score=fake_logits.mean())
             self._ada_update(real_logits)
-            stats["aug_p"] = self.aug_p
+            out["aug_p"] = self.aug_p
             if cfg.r1_gamma > 0 and self.step_count % cfg.r1_every == 0:
                 reals = reals.detach().requires_grad_(True)
                 logits = self._d(reals)
@@ -363,7 +396,7 @@ class Trainer:
                 self.d_opt.zero_grad(set_to_none=True)
                 (r1 * (cfg.r1_gamma / 2) * cfg.r1_every).backward()
                 self.d_opt.step()
-                stats["r1"] = r1.item()
+                values["r1"] = r1
             for p in self.d_params:
                 p.requires_grad_(False)
 
@@ -376,7 +409,7 @@ class Trainer:
             self.g_opt.zero_grad(set_to_none=True)
             g_loss.backward()
             self.g_opt.step()
-            stats["g_loss"] = g_loss.item()
+            values["g_loss"] = g_loss
             if cfg.pl_weight > 0 and self.step_count % cfg.pl_every == 0:
                 ws = self._ws(max(1, n // 2))
                 ws = ws if ws.requires_grad else ws.detach().requires_grad_(True)  # mapping frozen (FreezeG)
@@ -389,7 +422,7 @@ class Trainer:
                 self.g_opt.zero_grad(set_to_none=True)
                 (pl * cfg.pl_weight * cfg.pl_every).backward()
                 self.g_opt.step()
-                stats["pl"] = pl.item()
+                values["pl"] = pl
             for p in self.g_params:
                 p.requires_grad_(False)
 
@@ -400,10 +433,12 @@ class Trainer:
                 ema[name].copy_(p.lerp(ema[name], beta))
             for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
                 b_ema.copy_(b)
-        stats["ema_beta"] = beta
+        out["ema_beta"] = beta
         self.step_count += 1
         self.nimg += n
-        return stats
+        if stats:
+            out.update({k: float(v.detach()) for k, v in values.items()})
+        return out
 
     def train(
         self,
@@ -411,17 +446,20 @@ class Trainer:
         kimg: float | None = None,
         progress: Callable[[int, int, dict], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        stats_every: int = 1,
     ) -> bool:
         """Train until ``step_count`` reaches ``steps`` (or ``kimg`` thousand images), both counted from the start
         of the run, so a resumed trainer given the same target ends where an uninterrupted one would. Returns
-        False when ``should_cancel`` stopped it (checked before every step)."""
+        False when ``should_cancel`` stopped it (checked before every step). ``progress`` gets the losses every
+        ``stats_every`` steps and on the last (reading them waits for the device); other steps pass only
+        ``aug_p`` and ``ema_beta``."""
         if (steps is None) == (kimg is None):
             raise ValueError("give exactly one of steps= or kimg=")
         total = steps if steps is not None else math.ceil(kimg * 1000 / self.cfg.batch)
         while self.step_count < total:
             if should_cancel is not None and should_cancel():
                 return False
-            stats = self.step()
+            stats = self.step(stats=(self.step_count + 1) % stats_every == 0 or self.step_count + 1 == total)
             if progress is not None:
                 progress(self.step_count, total, stats)
         return True
@@ -447,6 +485,7 @@ class Trainer:
             "nimg": self.nimg,
             "pl_mean": self.pl_mean.clone(),
             "rng": self.rng.get_state(),
+            "device_rng": None if self.device_rng is self.rng else self.device_rng.get_state(),
             "data_order": None if self.data is None else (self._perm.clone(), self._pos),
             "augment": {"p": self.aug_p, "ada_signs": list(self._ada_signs)},
         }
@@ -463,8 +502,10 @@ class Trainer:
         self.step_count, self.nimg, self.meta = int(state["step"]), int(state["nimg"]), dict(state["meta"])
         self.pl_mean = state["pl_mean"].to(self.device)
         self.rng.set_state(state["rng"].cpu())
+        if state.get("device_rng") is not None and self.device_rng is not self.rng:
+            self.device_rng.set_state(state["device_rng"].cpu())
         if self.data is not None and state["data_order"] is not None:
-            self._perm, self._pos = state["data_order"][0].cpu().clone(), int(state["data_order"][1])
+            self._set_perm(state["data_order"][0].cpu().clone(), int(state["data_order"][1]))
         augment = state.get("augment")  # absent in version 1: fixed DiffAugment, nothing to restore
         if augment is not None:
             self.aug_p = float(augment["p"])
