@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="toy sizes: the same code paths in under a minute")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--max-steps", type=int, help="projection steps timed per row (default: 20; quick: 3)")
+    p.add_argument("--finetune-res", help="fine-tune resolutions, comma-separated (e.g. 64 to time R1 on CPU)")
+    p.add_argument("--finetune-batch", type=int, help="fine-tune batch for every --finetune-res")
     p.add_argument("--out", help="JSON path (default bench/results/gpu-<date>[-quick].json)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -349,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else Plan()
     if args.max_steps is not None:
         plan = Plan(**{**asdict(plan), "max_steps": args.max_steps})
+    if args.finetune_res:
+        res = tuple(int(r) for r in args.finetune_res.split(","))
+        batch = args.finetune_batch or plan.ft_batches[0]
+        plan = Plan(**{**asdict(plan), "ft_resolutions": res, "ft_batches": (batch,) * len(res)})
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
