@@ -65,6 +65,7 @@ class Plan:
     ft_resolutions: tuple[int, ...] = (256, 1024)
     ft_batches: tuple[int, ...] = (32, 16)  # per fine-tune resolution
     r1_windows: int = 2  # whole lazy-R1 intervals timed per fine-tune row
+    profile_r1: bool = False  # profile one more R1 step and keep its costliest operators in the row
     enc_resolutions: tuple[int, ...] = (256, 1024)
     enc_batch: int = 8
     enc_steps: int = 12
@@ -275,9 +276,27 @@ def finetune_row(res: int, batch: int, plan: Plan, device: torch.device) -> dict
     total = sum(plain) + sum(r1)
     steps = len(plain) + len(r1)
     plain_s, r1_s = statistics.median(plain), statistics.median(r1)
-    return {"amp": trainer.amp, "ada": True, "freeze_d": 2, "r1_every": every, "timed_steps": steps,
+    profile = {"r1_top_ops": profile_r1_step(trainer, device)} if plan.profile_r1 else {}
+    return {**profile, "amp": trainer.amp, "ada": True, "freeze_d": 2, "r1_every": every, "timed_steps": steps,
             "r1_steps": len(r1), "s_per_kimg": total / (steps * batch / 1000), "plain_step_s": plain_s,
             "r1_step_s": r1_s, "r1_over_plain": r1_s / plain_s}  # fmt: skip
+
+
+def profile_r1_step(trainer: Trainer, device: torch.device, top: int = 10) -> list[dict]:
+    """The operators that cost most in one warm R1 step (self time on the device, or the CPU without CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.step_count = trainer.cfg.r1_every  # the next step regularises
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.step()
+        sync(device)
+    on = "device" if device.type == "cuda" else "cpu"
+    events = [e for e in prof.key_averages() if getattr(e, f"self_{on}_time_total", 0) > 0]
+    events.sort(key=lambda e: getattr(e, f"self_{on}_time_total"), reverse=True)
+    return [
+        {"op": e.key, "calls": e.count, "self_ms": getattr(e, f"self_{on}_time_total") / 1000} for e in events[:top]
+    ]
 
 
 def bench_encoder(plan: Plan, device: torch.device) -> list[dict]:
@@ -342,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, help="projection steps timed per row (default: 20; quick: 3)")
     p.add_argument("--finetune-res", help="fine-tune resolutions, comma-separated (e.g. 64 to time R1 on CPU)")
     p.add_argument("--finetune-batch", type=int, help="fine-tune batch for every --finetune-res")
+    p.add_argument("--profile-r1", action="store_true", help="fine-tune rows: the costliest operators of an R1 step")
     p.add_argument("--out", help="JSON path (default bench/results/gpu-<date>[-quick].json)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -355,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         res = tuple(int(r) for r in args.finetune_res.split(","))
         batch = args.finetune_batch or plan.ft_batches[0]
         plan = Plan(**{**asdict(plan), "ft_resolutions": res, "ft_batches": (batch,) * len(res)})
+    if args.profile_r1:
+        plan = Plan(**{**asdict(plan), "profile_r1": True})
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
@@ -382,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-{day}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    for row in rows:
+        for op in row.get("r1_top_ops", []):
+            print(f"# R1 step at {row['res']} px: {op['op']} x{op['calls']}: {op['self_ms']:.1f} ms")
     print(f"\n# {meta['seconds']:.0f} s; peak RSS {meta['peak_rss_gib']:.2f} GiB; wrote {out}")
     return 0
 

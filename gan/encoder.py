@@ -178,7 +178,7 @@ def train_encoder(
             enc.w_scale.copy_(G.style(torch.randn(4096, G.z_dim, generator=g).to(dev)).std(0).clamp_min(1e-3))
         if fit_samples:
             _fit_shortcut(enc, G, fit_samples, truncation, g)
-        opt = torch.optim.Adam(enc.parameters(), lr=lr, betas=(0.9, 0.99))
+        opt = torch.optim.Adam(enc.parameters(), lr=lr, betas=(0.9, 0.99), fused=True if dev.type == "cuda" else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.55 + 0.45 * math.cos(math.pi * s / max(steps, 1)))
         enc.train()
         for step in range(steps):

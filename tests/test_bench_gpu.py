@@ -24,7 +24,7 @@ def test_quick_plan_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--threads", "1",
-         "--out", str(out)],
+         "--profile-r1", "--out", str(out)],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +49,7 @@ def test_quick_plan_writes_every_row(tmp_path: Path) -> None:
     for res in bench_gpu.QUICK.ft_resolutions:  # R1 amortised over a whole interval: one R1 step timed
         ft = rows[("finetune", res, 4)]
         assert ft["r1_steps"] == bench_gpu.QUICK.r1_windows and ft["timed_steps"] == 16 * ft["r1_steps"]
+        assert ft["r1_top_ops"] and all(op["self_ms"] > 0 for op in ft["r1_top_ops"])  # --profile-r1
     assert "## synthesis" in proc.stdout and "## finetune" in proc.stdout
 
 
