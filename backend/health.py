@@ -38,11 +38,14 @@ def check_database(settings: Settings) -> Check:
     from sqlalchemy.engine import make_url
 
     from backend.db import current_revision, head_revision
+    from backend.errors import UnavailableError
 
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     try:
         current = current_revision(settings.database_url)
-    except Exception as e:  # any driver error means "not usable"
+    except UnavailableError as e:  # it names the database and says what went wrong
+        return Check("database", False, str(e))
+    except Exception as e:  # any other driver error means "not usable" too
         return Check("database", False, f"{shown}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     head = head_revision()
     if current != head:

@@ -59,6 +59,8 @@ def _sqlite_file(u: URL) -> Path | None:
 def _reason(error: BaseException, timeout_s: float | None) -> str:
     if isinstance(error, TimeoutError):
         return f"no answer within {timeout_s:g} s" if timeout_s else "no answer in time"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (nothing listens there)"
     text = str(getattr(error, "orig", None) or error).strip().splitlines()
     return text[0][:200] if text and text[0] else type(error).__name__
 

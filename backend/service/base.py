@@ -3,6 +3,7 @@ a lost Redis surfaces as an UnavailableError naming it (the database's engine do
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
@@ -49,8 +50,9 @@ def names_redis_iter(fn: Callable[P, AsyncIterator[T]]) -> Callable[P, AsyncIter
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
         try:
-            async for item in fn(*args, **kwargs):
-                yield item
+            async with contextlib.aclosing(fn(*args, **kwargs)) as items:  # closed with us, not by the GC
+                async for item in items:
+                    yield item
         except _REDIS_DOWN as e:
             raise args[0].rt.redis_unavailable(e) from e  # type: ignore[attr-defined]
 

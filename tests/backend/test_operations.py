@@ -76,7 +76,10 @@ def test_health_fails_clearly_when_redis_or_sql_is_down_and_passes_when_up(tmp_p
     )
     assert down.returncode == 1
     assert "FAIL redis    no answer from redis://127.0.0.1:1/0" in down.stdout
-    assert "FAIL database" in down.stdout and "refused" in down.stdout.lower()
+    assert (
+        "FAIL database the database at postgresql://nobody@127.0.0.1:1/none is unreachable: connection refused"
+        in down.stdout
+    )
 
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'toonify.db'}"
     not_migrated = toonify("health", env={**base, "REDIS_URL": redis_url, "DATABASE_URL": db_url})
