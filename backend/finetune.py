@@ -10,6 +10,7 @@ preview grid (a blob) and a one-line metrics summary; the job's result keeps the
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -72,9 +73,9 @@ async def _post_snapshot(w: WorkerState, job: Job, row: dict, work: Path, total:
     preview = work / row["preview"] if row.get("preview") else None
     if preview is not None and preview.is_file():
         data = preview.read_bytes()
-        sha = await asyncio.to_thread(rt.blobs.put, data)
-        retention = rt.settings.result_retention_s
-        await record_blob(rt, job.user_id, sha, len(data), "image/png", BlobKind.PREVIEW, retention)
+        sha, retention = hashlib.sha256(data).hexdigest(), rt.settings.result_retention_s
+        await record_blob(rt, job.user_id, sha, len(data), "image/png", BlobKind.PREVIEW, retention)  # row first
+        await asyncio.to_thread(rt.blobs.put, data)
     event = ProgressEvent(
         job_id=job.id,
         status="running",

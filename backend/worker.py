@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import logging
 import signal
@@ -309,8 +310,10 @@ def _png(image: Image.Image) -> bytes:
 
 
 async def _store_result(rt: Runtime, user_id: int, data: bytes, retention_s: int) -> str:
-    sha = await asyncio.to_thread(rt.blobs.put, data)
+    """Row first, then the file: a failure in between leaves a row that expiry removes, never an unowned file."""
+    sha = hashlib.sha256(data).hexdigest()
     await record_blob(rt, user_id, sha, len(data), "image/png", BlobKind.RESULT, retention_s)
+    await asyncio.to_thread(rt.blobs.put, data)
     return sha
 
 

@@ -70,9 +70,10 @@ async def run(opts: argparse.Namespace) -> int:
             TOONIFY_QUOTA_USER_ACTIVE="4",
         )
         bot = start(command("bot", "telegram"), env, work / "bot.log")
-        workers = [start(command("worker", "--queues", "toon"), env, work / "worker.log")]
+        workers: list[subprocess.Popen] = []
         try:
             await fake.wait_for_call("setMyCommands", timeout=180)
+            workers.append(start(command("worker", "--queues", "toon"), env, work / "worker.log"))
             t0 = time.perf_counter()
             for i, user in enumerate(users):
                 fake.send_user_message(user.id, user, caption=f"/toon {opts.mode}", photo=astronaut(3 * i + 1))

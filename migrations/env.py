@@ -60,9 +60,14 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+MIGRATION_LOCK_ID = 0x746F6F6E  # PostgreSQL advisory lock: processes starting together migrate one at a time
+
+
 def do_run_migrations(connection: Connection) -> None:
     context.configure(connection=connection, **CONFIGURE_OPTS)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":  # held until this transaction ends; the next one reads head
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
         context.run_migrations()
 
 

@@ -9,6 +9,9 @@ are synchronous and start their own event loop: call them before the service's l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +180,31 @@ def _outside_event_loop(what: str) -> None:
 
 
 def upgrade(url: str | URL, revision: str = "head") -> None:
-    """Migrate the database at `url` up to `revision` (synchronous; runs its own event loop)."""
+    """Migrate the database at `url` up to `revision` (synchronous; runs its own event loop).
+
+    Processes that start together (a bot and a worker on a fresh SQLite file) migrate one after the other: a
+    SQLite file is locked with a sidecar lock file for the whole upgrade, PostgreSQL takes an advisory lock in
+    the migration's transaction (migrations/env.py). The second one then finds the database at head."""
     _outside_event_loop("upgrade")
-    command.upgrade(alembic_config(url), revision)
+    with _sqlite_migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
+
+
+@contextlib.contextmanager
+def _sqlite_migration_lock(url: str | URL) -> Iterator[None]:
+    u = make_url(url) if isinstance(url, str) else url
+    path = u.database if u.get_backend_name() == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    lock = Path(path).with_name(Path(path).name + ".migrate.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def downgrade(url: str | URL, revision: str) -> None:
