@@ -161,7 +161,7 @@ class CommandCore:
             await handler(cmd, conv)
         except ServiceError as e:
             metrics.BOT_ERRORS.labels(platform=cmd.actor.platform, kind=e.code).inc()
-            await conv.send(Reply(str(e), ephemeral=True))
+            await conv.send(Reply(e.public_message, ephemeral=True))
         except Exception:
             metrics.BOT_ERRORS.labels(platform=cmd.actor.platform, kind="internal").inc()
             log.exception("command /%s failed", cmd.name)
@@ -184,7 +184,7 @@ class CommandCore:
             else:
                 await conv.send(Reply(t("unknown", locale), ephemeral=True))
         except ServiceError as e:
-            await conv.send(Reply(str(e), ephemeral=True))
+            await conv.send(Reply(e.public_message, ephemeral=True))
         except Exception:
             log.exception("button %s failed", action)
             await conv.send(Reply(t("error", locale), ephemeral=True))

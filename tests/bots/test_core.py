@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,3 +176,29 @@ async def test_vote_poll_and_admin_commands(core):
     assert "at least 8" in admin_conv.last.text
     await core.run(cmd("/forget", ALICE), admin_conv)
     assert "deleted" in admin_conv.last.text
+
+
+@pytest.mark.asyncio
+async def test_a_database_that_does_not_answer_gets_a_plain_message_naming_no_host(tmp_path, redis_url, redis):  # noqa: F811
+    from sqlalchemy.engine import make_url
+
+    from tests.backend.test_unavailable import _HOLD_SQLITE_LOCK
+
+    settings = Settings.from_env(
+        {"TOONIFY_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url, "TOONIFY_DB_STATEMENT_TIMEOUT_S": "1"}
+    )
+    service = await ToonService.open(settings)
+    holder = subprocess.Popen(  # another process holds SQLite's write lock: every write waits, then times out
+        [sys.executable, "-c", _HOLD_SQLITE_LOCK, make_url(settings.database_url).database],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        conv = Recorder()
+        await CommandCore(service).run(cmd("/toon", Actor("telegram", "77", "newcomer"), astronaut()), conv)
+        text = conv.last.text
+        assert text == "Toonify can't reach its database right now; please try again in a few minutes.", text
+        assert str(tmp_path) not in text
+    finally:
+        holder.communicate("\n", timeout=30)
+        await service.close()
