@@ -51,6 +51,7 @@ class Settings:
     metrics_port: int | None = None  # Prometheus /metrics on this port (workers and bots); None: off
     shutdown_grace_s: int = 30  # on SIGTERM, workers and bots let running work finish for this long
     redis_retry_s: int = 60  # a worker keeps reconnecting to a lost Redis this long, then exits non-zero
+    delivery_lease_s: float = 60.0  # a dead bot process's unfinished deliveries are taken over after this long
     db_connect_timeout_s: float = 5.0  # a database connection not made in this time: UnavailableError
     db_statement_timeout_s: float = 10.0  # a statement unanswered this long (SQLite: a lock held): UnavailableError
 
@@ -94,6 +95,7 @@ class Settings:
             metrics_port=_get(env, "TOONIFY_METRICS_PORT", _port, None),
             shutdown_grace_s=_get(env, "TOONIFY_SHUTDOWN_GRACE_S", _non_negative_int, 30),
             redis_retry_s=_get(env, "TOONIFY_REDIS_RETRY_S", _positive_int, 60),
+            delivery_lease_s=_get(env, "TOONIFY_DELIVERY_LEASE_S", _positive_float, 60.0),
             db_connect_timeout_s=_get(env, "TOONIFY_DB_CONNECT_TIMEOUT_S", _positive_float, 5.0),
             db_statement_timeout_s=_get(env, "TOONIFY_DB_STATEMENT_TIMEOUT_S", _positive_float, 10.0),
         )

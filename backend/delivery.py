@@ -27,16 +27,7 @@ import sqlalchemy as sa
 from backend.db.models import Delivery, DeliveryItem, Job, Platform, utcnow
 from backend.runtime import Runtime
 
-DEFAULT_LEASE_S = 60.0
 MAX_FAILURES = 5  # a delivery whose sends keep failing (the bot was removed from the chat) is given up
-
-
-def lease_seconds() -> float:
-    """``TOONIFY_DELIVERY_LEASE_S`` (default 60): how long a dead process's deliveries wait to be taken over."""
-    value = float(os.environ.get("TOONIFY_DELIVERY_LEASE_S") or DEFAULT_LEASE_S)
-    if value <= 0:
-        raise ValueError(f"TOONIFY_DELIVERY_LEASE_S must be positive, not {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -86,7 +77,7 @@ class DeliveryBook:
     def __init__(self, rt: Runtime, *, owner: str | None = None, lease_s: float | None = None) -> None:
         self.rt = rt
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.lease_s = lease_s if lease_s is not None else lease_seconds()
+        self.lease_s = lease_s if lease_s is not None else rt.settings.delivery_lease_s
 
     def _until(self):
         return utcnow() + timedelta(seconds=self.lease_s)

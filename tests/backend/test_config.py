@@ -46,6 +46,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         "TOONIFY_REDIS_RETRY_S": "9",
         "TOONIFY_DB_CONNECT_TIMEOUT_S": "1.5",
         "TOONIFY_DB_STATEMENT_TIMEOUT_S": "2",
+        "TOONIFY_DELIVERY_LEASE_S": "3.5",
     }
     s = Settings.from_env(env)
     assert s.data_dir == tmp_path / "d"
@@ -59,6 +60,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert s.models_dir == tmp_path / "models"
     assert (s.shutdown_grace_s, s.redis_retry_s) == (0, 9)
     assert (s.db_connect_timeout_s, s.db_statement_timeout_s) == (1.5, 2.0)
+    assert s.delivery_lease_s == 3.5
 
 
 def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
@@ -83,6 +85,7 @@ def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
         ("TOONIFY_REDIS_RETRY_S", "0"),
         ("TOONIFY_DB_CONNECT_TIMEOUT_S", "0"),
         ("TOONIFY_DB_STATEMENT_TIMEOUT_S", "nan"),
+        ("TOONIFY_DELIVERY_LEASE_S", "0"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
