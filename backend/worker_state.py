@@ -171,6 +171,8 @@ async def forever(name: str, body, *, every_s: float, first_wait: bool = False) 
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if asyncio.current_task().cancelling():  # a cancellation some layer turned into an error
+                raise asyncio.CancelledError from exc
             log.warning("%s failed (%s); trying again in %.1f s", name, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_CAP_S)

@@ -113,8 +113,8 @@ def make_engine(
     @event.listens_for(engine.sync_engine, "handle_error")
     def _lost(ctx: Any) -> None:
         error = ctx.original_exception
-        if isinstance(error, UnavailableError):
-            return
+        if isinstance(error, UnavailableError) or not isinstance(error, Exception):
+            return  # a task cancelled mid-statement (CancelledError, a BaseException) must stay a cancellation
         if isinstance(error, OSError | TimeoutError) or ctx.is_disconnect:
             raise UnavailableError(
                 "database", f"the database at {shown} stopped answering: {_reason(error, statement_timeout_s)}"

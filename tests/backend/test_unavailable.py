@@ -368,3 +368,31 @@ def test_cli_submit_names_the_unreachable_redis(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"toonify: Redis at redis://127.0.0.1:{port}/0 is unreachable"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_statement_cancelled_while_waiting_stays_a_cancellation(tmp_path, redis_url, redis):  # noqa: F811
+    """Shutting down cancels tasks mid-statement: that must not read as 'the database stopped answering', or a
+    loop that retries on database errors would never stop."""
+    settings = settings_for(tmp_path, redis_url, None, TOONIFY_DB_STATEMENT_TIMEOUT_S="5")
+    svc = await ToonService.open(settings)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_SQLITE_LOCK, make_url(settings.database_url).database],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
+
+        async def write() -> None:
+            async with svc.rt.sessions() as s:
+                await s.execute(sa.text("UPDATE jobs SET error = 'x'"))
+                await s.commit()
+
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0.5)  # waiting on the lock now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        holder.communicate("\n", timeout=30)
+        await svc.close()
