@@ -39,7 +39,7 @@ from backend import ledger, metrics
 from backend.batching import ProjectionBatcher
 from backend.config import Settings
 from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
-from backend.errors import BadInputError, JobCancelledError
+from backend.errors import BadInputError, JobCancelledError, UnavailableError
 from backend.finetune import run_finetune
 from backend.jobs import PreviewParams, ToonParams, ToonResult
 from backend.keys import QUEUE_NAMES, STATS_KEY
@@ -63,8 +63,11 @@ MAINTENANCE_SECONDS = {0}  # arq cron: expiry and poll deadlines once a minute, 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
 
 
-class RedisLostError(ConnectionError):
+class RedisLostError(UnavailableError):
     """The worker lost Redis and it did not come back within ``redis_retry_s``: exit, let a supervisor restart."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("redis", detail)
 
 
 def face_seeds(faces: int) -> list[int]:
