@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 
+from backend.cli import reports_failures
 from backend.config import Settings
 from backend.logs import configure_logging
 
@@ -96,11 +97,13 @@ async def serve(front_ends: tuple[str, ...], *, with_worker: bool, stop: asyncio
         await service.close()
 
 
+@reports_failures
 def cmd_up(args: argparse.Namespace) -> int:
     asyncio.run(serve(FRONT_ENDS, with_worker=not args.no_worker))
     return 0
 
 
+@reports_failures
 def cmd_bot(args: argparse.Namespace) -> int:
     if not _tokens((args.platform,)):
         raise ValueError(f"set {args.platform.upper()}_TOKEN first (see the README: 'Running the bots')")

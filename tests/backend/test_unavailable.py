@@ -335,7 +335,7 @@ def toonify(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_submit_and_worker_name_the_unreachable_database(tmp_path):
+def test_cli_submit_worker_and_bots_name_the_unreachable_database(tmp_path):
     photo = tmp_path / "me.png"
     photo.write_bytes(astronaut())
     port = free_port()
@@ -343,9 +343,11 @@ def test_cli_submit_and_worker_name_the_unreachable_database(tmp_path):
         **os.environ,
         "TOONIFY_DATA_DIR": str(tmp_path / "data"),
         "DATABASE_URL": f"postgresql://toon:s3cret@127.0.0.1:{port}/toonify",
+        "TELEGRAM_TOKEN": "123:not-used",  # the bot stops at the database before it talks to Telegram
     }
     line = f"toonify: the database at postgresql://toon@127.0.0.1:{port}/toonify is unreachable"
-    for args in (("submit", str(photo), "--out", str(tmp_path / "out.png"), "--no-worker"), ("worker",)):
+    submit = ("submit", str(photo), "--out", str(tmp_path / "out.png"), "--no-worker")
+    for args in (submit, ("worker",), ("bot", "telegram"), ("up",)):
         done = toonify(*args, env=env)
         assert done.returncode == 3, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr  # after the worker's log lines
