@@ -118,6 +118,18 @@ async def _run(w: WorkerState, job_id: str, body) -> str:
         await ledger.finish(rt, job, JobStatus.FAILED, error=error)
         return JobStatus.FAILED.value
     w.running.add(job.id)
+    try:  # the job is ours until its outcome is written: reconcile leaves rows of running jobs alone
+        return await _run_claimed(w, job, body)
+    finally:
+        w.running.discard(job.id)
+        w.handing_back.discard(job.id)
+        w.cancel_events.pop(job.id, None)
+        w.progress.pop(job.id, None)
+        w.cancel_seen_at.pop(job.id, None)
+
+
+async def _run_claimed(w: WorkerState, job: Job, body) -> str:
+    rt = w.rt
     with contextlib.suppress(*REDIS_ERRORS):
         await publish(rt.pool, ProgressEvent(job_id=job.id, status="running", stage="start"))
     t0 = time.perf_counter()
@@ -150,12 +162,6 @@ async def _run(w: WorkerState, job_id: str, body) -> str:
             raise Retry(defer=timedelta(seconds=2**job.attempts)) from e
         await ledger.finish(rt, job, JobStatus.FAILED, error=f"failed after {job.attempts} attempts: {e}")
         return JobStatus.FAILED.value
-    finally:
-        w.running.discard(job.id)
-        w.handing_back.discard(job.id)
-        w.cancel_events.pop(job.id, None)
-        w.progress.pop(job.id, None)
-        w.cancel_seen_at.pop(job.id, None)
     await ledger.finish(rt, job, JobStatus.DONE, result=result)
     if job.kind != JobKind.FINETUNE:
         with contextlib.suppress(*REDIS_ERRORS):
