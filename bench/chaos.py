@@ -130,6 +130,7 @@ def main() -> int:
     p.add_argument("--heartbeat-ttl", type=int, default=4, help="TOONIFY_WORKER_HEARTBEAT_TTL_S")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--settle", type=float, default=10.0, help="seconds to wait for late duplicates")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: the bot and workers are stopped too
     return asyncio.run(run(p.parse_args()))
 
 
