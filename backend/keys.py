@@ -58,3 +58,8 @@ def quota_user_daily(user_key: str, day: str) -> str:
 
 def quota_community_daily(community_key: str, day: str) -> str:
     return f"{QUOTA_PREFIX}:community:{community_key}:daily:{day}"
+
+
+def job_deaths(job_id: str) -> str:
+    """How often a worker died (heartbeat lapsed) while running the job: the poison-job guard's count."""
+    return f"{PREFIX}:job:{job_id}:deaths"

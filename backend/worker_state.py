@@ -29,7 +29,7 @@ from backend.batching import ProjectionBatcher
 from backend.db.models import Job, JobStatus
 from backend.errors import JobCancelledError
 from backend.jobs import queue_of
-from backend.keys import QUEUE_NAMES, worker_heartbeat
+from backend.keys import QUEUE_NAMES, job_deaths, worker_heartbeat
 from backend.ledger import enqueue
 from backend.model_cache import BaseModels, ModelCache, base_models_from_manifest
 from backend.progress import JobProgress
@@ -42,9 +42,7 @@ RETRY_CAP_S = 5.0  # the longest pause between two tries of a background loop wh
 heartbeat_key = worker_heartbeat  # the name this module has always exported
 
 
-def deaths_key(job_id: str) -> str:
-    """How often a worker died (heartbeat lapsed) while running the job: the poison-job guard's count."""
-    return f"toonify:job:{job_id}:deaths"
+deaths_key = job_deaths
 
 
 @dataclass
