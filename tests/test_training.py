@@ -292,3 +292,21 @@ def test_mixed_precision_path_trains_and_keeps_frozen_layers(photos, monkeypatch
         assert torch.equal(d0[k], v) == k.startswith(("convs.0.", "convs.1.")), k
     monkeypatch.setattr(Trainer, "AMP_DEVICE_TYPES", ("cuda",))
     assert not make_trainer(photos, mixed_precision=True).amp  # on CPU it is ignored
+
+
+def test_statistics_only_when_asked_and_the_same_training(photos):
+    """step(stats=False) reads nothing from the device and trains exactly as step(stats=True)."""
+    cfg = {"diffaugment": "color,translation", "ada_target": 0.6, "ada_interval": 2, "r1_every": 2, "xflip": True}
+    quiet, loud = make_trainer(photos, seed=4, **cfg), make_trainer(photos, seed=4, **cfg)
+    for _ in range(4):
+        assert set(quiet.step(stats=False)) == {"aug_p", "ema_beta"}
+        assert {"d_loss", "g_loss", "real_score", "fake_score"} <= set(loud.step(stats=True))
+    assert quiet.aug_p == loud.aug_p and quiet._ada_signs == loud._ada_signs
+    for (k, v), w in zip(quiet.G_ema.state_dict().items(), loud.G_ema.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+    seen: list[tuple[int, bool]] = []
+    t = make_trainer(photos, seed=4, **cfg)
+    t.train(steps=7, stats_every=3, progress=lambda step, total, stats: seen.append((step, "d_loss" in stats)))
+    assert [s for s, has in seen if has] == [3, 6, 7]  # every 3rd step and the last
+    assert [s for s, _ in seen] == list(range(1, 8))
