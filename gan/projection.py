@@ -200,8 +200,11 @@ def project_batch(
         for group in opt.param_groups:
             group["lr"] = learning_rate(t, config)
         strength = w_std * config.latent_noise * max(0.0, 1.0 - t / config.latent_noise_ramp) ** 2
-        jitter = torch.cat([torch.randn(1, *latent.shape[1:], generator=g) for g in gens]).to(device)
-        ws = (latent + jitter * strength).expand(-1, G.num_ws, -1)
+        ws = latent
+        if strength > 0:  # zero noise adds nothing: skip the draw and its copy to the device (a host sync)
+            jitter = torch.cat([torch.randn(1, *latent.shape[1:], generator=g) for g in gens]).to(device)
+            ws = latent + jitter * strength
+        ws = ws.expand(-1, G.num_ws, -1)
         images = G.synthesis(ws, noise=noise)
         per_photo = loss_fn(images, targets) if target_features is None else compare(embed(images), target_features)
         if config.mse_weight:
