@@ -98,10 +98,14 @@ def test_cuda_projection_matches_cpu() -> None:
     with torch.no_grad():
         targets = G.synthesis(G.w_avg.expand(2, G.num_ws, -1) + 0.3, noise_mode="random")
     cfg = ProjectionConfig(steps=10)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     cpu = project_batch(G, targets, DiscriminatorFeatureLoss(copy.deepcopy(D)), cfg, seeds=[1, 2])
-    Gc = copy.deepcopy(G).cuda()
-    gpu = project_batch(Gc, targets.cuda(), DiscriminatorFeatureLoss(copy.deepcopy(D).cuda()), cfg, seeds=[1, 2])
-    torch.testing.assert_close(gpu.ws.cpu(), cpu.ws, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(gpu.images.cpu(), cpu.images, rtol=1e-3, atol=2e-3)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both sides
+    try:
+        Gc, Dc = copy.deepcopy(G).cuda(), copy.deepcopy(D).cuda()
+        gpu = project_batch(Gc, targets.cuda(), DiscriminatorFeatureLoss(Dc), cfg, seeds=[1, 2])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.testing.assert_close(gpu.ws.cpu(), cpu.ws, rtol=1e-3, atol=5e-3)
+    torch.testing.assert_close(gpu.images.cpu(), cpu.images, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(gpu.losses, cpu.losses, rtol=1e-3, atol=1e-4)
