@@ -196,8 +196,10 @@ class ProjectionBatcher:
                     answer(req, error=ProjectionCancelledError(f"cancelled at step {step}/{total}"))
 
         chunk = [0, 1]  # (index, count) of the memory-sized pass running now: progress spans all of them
+        last = [0, 0]  # the latest (step, total) of the pass, for a cancellation seen between steps
 
         def progress(stage: str, step: int, total: int) -> None:
+            last[:] = [step, total]
             release_cancelled(step, total)
             step, total = chunk[0] * total + step, chunk[1] * total
             for req in batch:
@@ -205,7 +207,7 @@ class ProjectionBatcher:
                     loop.call_soon_threadsafe(req.progress, step, total)
 
         def should_cancel() -> bool:
-            release_cancelled(0, 0)
+            release_cancelled(*last)
             return all(req.released for req in batch)
 
         try:

@@ -205,7 +205,7 @@ async def test_redis_gone_for_good_the_worker_hands_back_and_exits_non_zero(tmp_
     worker = again = None
     try:
         worker = start_worker(env, tmp_path / "worker.log")
-        ticket = await svc.submit_toon(actor(1), GUILD, astronaut(), mode="balanced")
+        ticket = await svc.submit_toon(actor(1), GUILD, astronaut(), mode="quality")  # outlasts the 3 s of retries
         await wait_until_projecting(svc, ticket.job_id)
         server.kill()
         server.wait()

@@ -182,7 +182,8 @@ def test_sigterm_while_projecting_then_restart_delivers(tmp_path):
         async with FakeTelegram() as fake:
             env = up_env(fake, data_dir, TOONIFY_SHUTDOWN_GRACE_S="1")
             async with serving(env, log, fake, setups=1) as proc:
-                fake.send_user_message(UMA.id, UMA, caption="/toon", photo=astronaut(3))
+                # quality mode: 300 projection steps, far more than the 1 s grace periods, so the job is handed back
+                fake.send_user_message(UMA.id, UMA, caption="/toon quality", photo=astronaut(3))
                 await fake.wait_for(lambda _: "Learning your face" in progress_text(fake), timeout=240)
                 rc = await stop_up(proc)
             before = photos(fake)
