@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backend import keys
-from backend.redis import LuaScript
+from backend.redis import REDIS_DOWN, LuaScript
 
 __all__ = [
     "PROGRESS_EVERY_S",
@@ -190,6 +188,11 @@ async def watch(
     def remaining() -> float | None:
         return None if deadline is None else deadline - loop.time()
 
+    async def ended_by_fallback() -> ProgressEvent | None:
+        """The fallback's terminal event, if it has one not yet seen."""
+        fb = None if fallback is None else await fallback()
+        return fb if fb is not None and fb.terminal and fresh(fb) else None
+
     def check_deadline() -> None:
         if deadline is not None and loop.time() >= deadline:
             raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
@@ -222,11 +225,9 @@ async def watch(
                         yield ev
                         if ev.terminal:
                             return
-                    if fallback is not None:
-                        fb = await fallback()
-                        if fb is not None and fb.terminal and fresh(fb):
-                            yield fb
-                            return
+                    if (fb := await ended_by_fallback()) is not None:
+                        yield fb
+                        return
                     continue
                 wait = next_poll - now if deadline is None else min(next_poll, deadline) - now
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))
@@ -241,20 +242,18 @@ async def watch(
                     yield ev
                     if ev.terminal:
                         return
-        except (RedisConnectionError, RedisTimeoutError, ConnectionError) as exc:
+        except REDIS_DOWN as exc:
             # Redis away: the fallback (the SQL row) still says when the job ends; subscribe again once it is back
             log.warning("progress of job %s: Redis unreachable (%s); reading the job row until it is back", job_id, exc)
             while True:
                 check_deadline()
-                if fallback is not None:
-                    fb = await fallback()
-                    if fb is not None and fb.terminal and fresh(fb):
-                        yield fb
-                        return
+                if (fb := await ended_by_fallback()) is not None:
+                    yield fb
+                    return
                 await asyncio.sleep(poll_s)
                 try:
                     await redis.ping()
-                except (RedisConnectionError, RedisTimeoutError, ConnectionError):
+                except REDIS_DOWN:
                     continue
                 if last is not None:  # a Redis that restarted empty numbers events from 1 again
                     last = dataclasses.replace(last, seq=0)

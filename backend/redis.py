@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 __all__ = [
+    "REDIS_DOWN",
     "EmbeddedRedis",
     "EmbeddedRedisError",
     "LuaScript",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 _PIDFILE = "redis-server.pid"
+
+# What redis-py raises when the server is gone or silent (OSError: a failure below redis-py's own wrapping).
+REDIS_DOWN = (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
 
 
 class EmbeddedRedisError(RuntimeError):

@@ -11,7 +11,6 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis.exceptions
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend import keys
@@ -20,13 +19,10 @@ from backend.config import Settings
 from backend.db import make_engine, make_sessionmaker, ping, upgrade
 from backend.errors import UnavailableError
 from backend.quotas import Quotas
-from backend.redis import EmbeddedRedisError, RedisHandle, connect
+from backend.redis import REDIS_DOWN, EmbeddedRedisError, RedisHandle, connect
 from gan.styles import DEMO_DIR
 
 QUEUE_NAMES = keys.QUEUE_NAMES  # kept importable from here
-
-# What redis-py raises when the server is gone or silent (OSError: a failure below redis-py's own wrapping).
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def describe_redis(url: str | None) -> str:

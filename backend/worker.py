@@ -25,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import redis.exceptions
 import sqlalchemy as sa
 import torch
 from arq import Retry
@@ -47,9 +46,9 @@ from backend.ledger import enqueue, record_blob
 from backend.logs import JOB_ID
 from backend.model_cache import ModelCache
 from backend.progress import JobProgress, ProgressEvent, publish
-from backend.redis import redis_settings
-from backend.runtime import Runtime, open_runtime
-from backend.worker_state import WorkerState, heartbeat_key, reconcile
+from backend.redis import REDIS_DOWN, redis_settings
+from backend.runtime import Runtime, describe_redis, open_runtime
+from backend.worker_state import WorkerState, reconcile
 from gan.align import FaceTooSmallError, NoFaceError
 from gan.encoder import generator_hash
 from gan.imageio import BadImageError, decode_image
@@ -60,7 +59,6 @@ MAX_TRIES = 3  # attempts that end in an error before a job fails for good
 MAX_WORKER_DEATHS = 10  # a job whose worker died this often while running it (OOM?) is not tried again
 HAND_BACK_WAIT_S = 15.0  # after the grace period: how long jobs get to reach their next step and hand back
 MAINTENANCE_SECONDS = {0}  # arq cron: expiry and poll deadlines once a minute, by one worker of the fleet
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
 
 
 class RedisLostError(UnavailableError):
@@ -130,7 +128,7 @@ async def _run(w: WorkerState, job_id: str, body) -> str:
 
 async def _run_claimed(w: WorkerState, job: Job, body) -> str:
     rt = w.rt
-    with contextlib.suppress(*REDIS_ERRORS):
+    with contextlib.suppress(*REDIS_DOWN):
         await publish(rt.pool, ProgressEvent(job_id=job.id, status="running", stage="start"))
     t0 = time.perf_counter()
     try:
@@ -164,7 +162,7 @@ async def _run_claimed(w: WorkerState, job: Job, body) -> str:
         return JobStatus.FAILED.value
     await ledger.finish(rt, job, JobStatus.DONE, result=result)
     if job.kind != JobKind.FINETUNE:
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*REDIS_DOWN):
             await _record_duration(rt, time.perf_counter() - t0)
     return JobStatus.DONE.value
 
@@ -431,14 +429,14 @@ class QueueSupervisor:
             errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
             if not errors:
                 return  # burst mode: the queues are empty
-            if not isinstance(errors[0], REDIS_ERRORS):
+            if not isinstance(errors[0], REDIS_DOWN):
                 raise errors[0]
             for wk in current:
                 wk.allow_pick_jobs = False
-            log.warning("lost Redis at %s (%s); reconnecting", _safe_url(rt.redis.url), errors[0])
+            log.warning("lost %s (%s); reconnecting", describe_redis(rt.redis.url), errors[0])
             await self._wait_for_redis()
             self.restarts += 1
-            log.warning("Redis at %s is back: reconciling and serving again", _safe_url(rt.redis.url))
+            log.warning("%s is back: reconciling and serving again", describe_redis(rt.redis.url))
             await reconcile(rt, own=self.state)
 
     async def _wait_for_redis(self) -> None:
@@ -449,7 +447,7 @@ class QueueSupervisor:
             try:
                 await rt.pool.ping()
                 return
-            except REDIS_ERRORS:
+            except REDIS_DOWN:
                 if loop.time() >= deadline:
                     break
                 await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
@@ -458,7 +456,7 @@ class QueueSupervisor:
         self.state.stopping = True
         await self.wait_for_jobs(HAND_BACK_WAIT_S)
         raise RedisLostError(
-            f"lost the Redis at {_safe_url(rt.redis.url)} and it did not come back within {limit} s "
+            f"lost the {describe_redis(rt.redis.url)} and it did not come back within {limit} s "
             f"({len(handed)} running job(s) handed back); exiting so a supervisor restarts the worker"
         )
 
@@ -489,16 +487,6 @@ class QueueSupervisor:
         for wk in self.workers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await wk.close()
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not parseable as a URL: show only its scheme
-        return url.split("://", 1)[0] + "://…"
 
 
 @contextlib.asynccontextmanager
@@ -564,7 +552,6 @@ __all__ = [
     "WorkerState",
     "enqueue",
     "face_seeds",
-    "heartbeat_key",
     "make_workers",
     "reconcile",
     "run_worker",

@@ -39,12 +39,6 @@ log = logging.getLogger("toonify.worker")
 RETRY_CAP_S = 5.0  # the longest pause between two tries of a background loop whose Redis or SQL call failed
 
 
-heartbeat_key = worker_heartbeat  # the name this module has always exported
-
-
-deaths_key = job_deaths
-
-
 @dataclass
 class WorkerState:
     """What every job function of one worker process shares (``ctx['toonify']``)."""
@@ -95,7 +89,7 @@ class WorkerState:
     async def worker_deaths(self, job_id: str) -> int:
         """Times a worker died running ``job_id`` (0 when Redis cannot say: the guard errs on running the job)."""
         try:
-            return int(await self.rt.pool.get(deaths_key(job_id)) or 0)
+            return int(await self.rt.pool.get(job_deaths(job_id)) or 0)
         except Exception as exc:
             log.warning("death count of job %s unreadable: %s", job_id, exc)
             return 0
@@ -109,7 +103,7 @@ class WorkerState:
             return False
 
     async def start(self) -> None:
-        await self.rt.pool.set(heartbeat_key(self.worker_id), b"1", ex=self.heartbeat_ttl_s)
+        await self.rt.pool.set(worker_heartbeat(self.worker_id), b"1", ex=self.heartbeat_ttl_s)
         await reconcile(self.rt, own=self)
         self.tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         self.tasks.append(asyncio.create_task(self._reconcile_forever(), name="reconcile"))
@@ -123,11 +117,11 @@ class WorkerState:
                 await t
         await self.batcher.close()
         with contextlib.suppress(Exception):
-            await self.rt.pool.delete(heartbeat_key(self.worker_id))
+            await self.rt.pool.delete(worker_heartbeat(self.worker_id))
 
     async def _heartbeat(self) -> None:
         async def beat() -> None:
-            await self.rt.pool.set(heartbeat_key(self.worker_id), b"1", ex=self.heartbeat_ttl_s)
+            await self.rt.pool.set(worker_heartbeat(self.worker_id), b"1", ex=self.heartbeat_ttl_s)
 
         await forever("heartbeat", beat, every_s=self.heartbeat_ttl_s / 4)
 
@@ -191,12 +185,12 @@ async def reconcile(rt: Runtime, own: WorkerState | None = None) -> dict[str, in
     for job in rows:
         if job.status == JobStatus.RUNNING:
             mine_but_gone = own is not None and job.worker_id == own.worker_id and job.id not in own.running
-            if not mine_but_gone and job.worker_id and await pool.exists(heartbeat_key(job.worker_id)):
+            if not mine_but_gone and job.worker_id and await pool.exists(worker_heartbeat(job.worker_id)):
                 continue  # its worker is alive (maybe on another machine)
             await ledger.requeue(rt, job, error="the worker running this job stopped; retrying")
             if not mine_but_gone:  # a dead worker, not a hand-back whose SQL write failed
-                await pool.incr(deaths_key(job.id))
-                await pool.expire(deaths_key(job.id), 7 * 86400)
+                await pool.incr(job_deaths(job.id))
+                await pool.expire(job_deaths(job.id), 7 * 86400)
             await pool.delete(in_progress_key_prefix + job.id)  # arq would wait out the job timeout otherwise
             counts["requeued"] += 1
         queue = QUEUE_NAMES[queue_of(job.kind)]

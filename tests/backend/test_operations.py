@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,10 @@ from backend.db.models import Job, JobStatus
 from backend.logs import JOB_ID, configure_logging
 from backend.service import Place, ToonService
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
-from tests.backend.stack import actor, astronaut, events_until_done
+from tests.backend.stack import actor, astronaut, events_until_done, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = "import sys; from bots.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toonify(*args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:

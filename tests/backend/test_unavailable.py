@@ -30,18 +30,12 @@ from backend.errors import UnavailableError
 from backend.quotas import Quotas
 from backend.service import Place, ToonService
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
-from tests.backend.stack import actor, astronaut
+from tests.backend.stack import actor, astronaut, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = "import sys; from bots.cli import main; sys.exit(main(sys.argv[1:]))"
 GUILD = Place(platform="discord", community_id="7", name="faults")
 HANG_GUARD_S = 60  # far above every timeout configured here: reaching it means the call hung
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SilentServer:

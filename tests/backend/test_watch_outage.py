@@ -10,7 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from backend.progress import ProgressEvent, publish, watch
-from tests.backend.test_worker_faults import free_port, start_redis
+from tests.backend.stack import free_port
+from tests.backend.test_worker_faults import start_redis
 
 
 @pytest.mark.asyncio

@@ -25,15 +25,16 @@ from PIL import Image
 
 from backend.config import Settings
 from backend.db.models import Blob, Job, JobStatus, StyleModel, utcnow
+from backend.keys import job_deaths
 from backend.model_cache import ModelCache, base_models_from_manifest
 from backend.redis import redis_server_executable
 from backend.service import Place, ToonService
 from backend.worker import MAX_WORKER_DEATHS, serving_worker
-from backend.worker_state import deaths_key, reconcile
+from backend.worker_state import reconcile
 from gan.blending import BlendSpec
 from gan.styles import DEMO_DIR
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
-from tests.backend.stack import FIXTURE, actor, astronaut, events_until_done, running_worker
+from tests.backend.stack import FIXTURE, actor, astronaut, events_until_done, free_port, running_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 GUILD = Place(platform="discord", community_id="7", name="ops")
@@ -138,12 +139,6 @@ async def test_sigterm_lets_the_running_job_finish_and_takes_no_new_one(tmp_path
     finally:
         stop(worker)
         await svc.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(port: int, tmp_path: Path) -> subprocess.Popen:
@@ -299,7 +294,7 @@ async def test_a_job_whose_worker_keeps_dying_is_given_up(tmp_path, redis_url, r
                 await s.commit()
             counts = await reconcile(svc.rt)
             assert counts["requeued"] == 1
-            assert int(await redis.get(deaths_key(ticket.job_id))) == death
+            assert int(await redis.get(job_deaths(ticket.job_id))) == death
             assert (await job_row(svc, ticket.job_id)).status == JobStatus.QUEUED
         async with running_worker(svc):
             events = await events_until_done(svc, ticket.job_id)
