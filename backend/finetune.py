@@ -10,7 +10,6 @@ preview grid (a blob) and a one-line metrics summary; the job's result keeps the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import sqlalchemy as sa
 from backend.db.models import Blob, BlobKind, Dataset, Job, StyleModel, StyleStatus
 from backend.errors import BadInputError, JobCancelledError
 from backend.jobs import FinetuneParams, FinetuneResult
-from backend.ledger import record_blob
+from backend.ledger import store_blob
 from backend.progress import JobProgress, ProgressEvent, publish
 from backend.worker_state import WorkerState
 
@@ -73,9 +72,8 @@ async def _post_snapshot(w: WorkerState, job: Job, row: dict, work: Path, total:
     preview = work / row["preview"] if row.get("preview") else None
     if preview is not None and preview.is_file():
         data = preview.read_bytes()
-        sha, retention = hashlib.sha256(data).hexdigest(), rt.settings.result_retention_s
-        await record_blob(rt, job.user_id, sha, len(data), "image/png", BlobKind.PREVIEW, retention)  # row first
-        await asyncio.to_thread(rt.blobs.put, data)
+        retention = rt.settings.result_retention_s
+        sha, _ = await store_blob(rt, job.user_id, data, "image/png", BlobKind.PREVIEW, retention)
     event = ProgressEvent(
         job_id=job.id,
         status="running",

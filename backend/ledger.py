@@ -6,6 +6,8 @@ transition is a conditional UPDATE, so two deliveries of one job, or a worker ra
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -225,3 +227,14 @@ async def record_blob(
             await s.rollback()
             row = await s.scalar(sa.select(Blob).where(Blob.owner_user_id == user_id, Blob.sha256 == sha))
         return row.id
+
+
+async def store_blob(
+    rt: Runtime, user_id: int | None, data: bytes, media_type: str, kind: BlobKind, retention_s: int | None
+) -> tuple[str, int]:
+    """Store ``data`` as ``user_id``'s blob: the row first, then the file, so a failure in between leaves a row
+    that expiry removes, never a file nothing accounts for. Returns (sha256, row id)."""
+    sha = hashlib.sha256(data).hexdigest()
+    blob_id = await record_blob(rt, user_id, sha, len(data), media_type, kind, retention_s)
+    await asyncio.to_thread(rt.blobs.put, data)
+    return sha, blob_id

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import logging
 import signal
@@ -42,7 +41,7 @@ from backend.errors import BadInputError, JobCancelledError, UnavailableError
 from backend.finetune import run_finetune
 from backend.jobs import PreviewParams, ToonParams, ToonResult
 from backend.keys import QUEUE_NAMES, STATS_KEY
-from backend.ledger import enqueue, record_blob
+from backend.ledger import enqueue, store_blob
 from backend.logs import JOB_ID
 from backend.model_cache import ModelCache
 from backend.progress import JobProgress, ProgressEvent, publish
@@ -317,10 +316,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 async def _store_result(rt: Runtime, user_id: int, data: bytes, retention_s: int) -> str:
-    """Row first, then the file: a failure in between leaves a row that expiry removes, never an unowned file."""
-    sha = hashlib.sha256(data).hexdigest()
-    await record_blob(rt, user_id, sha, len(data), "image/png", BlobKind.RESULT, retention_s)
-    await asyncio.to_thread(rt.blobs.put, data)
+    sha, _ = await store_blob(rt, user_id, data, "image/png", BlobKind.RESULT, retention_s)
     return sha
 
 

@@ -17,7 +17,7 @@ from backend import keys, ledger
 from backend.db.models import Blob, BlobKind, Community, Job, JobKind, JobStatus, StyleModel, User, utcnow
 from backend.errors import BadInputError, ConflictError, NotFoundError
 from backend.jobs import MODES, ToonParams, ToonResult, queue_of
-from backend.ledger import NewJob, record_blob
+from backend.ledger import NewJob, store_blob
 from backend.progress import ProgressEvent, latest, watch
 from backend.quotas import QuotaExceededError
 from backend.service.base import Concern, get_community, get_user, names_redis, names_redis_iter
@@ -64,10 +64,8 @@ class JobCommands(Concern):
             spec = spec or await default_spec(s, st, comm)
             await s.commit()
             user_id, comm_id, style_id, style_name = user.id, comm.id if comm else None, st.id, st.name
-        sha = hashlib.sha256(image).hexdigest()
         retention = self.rt.settings.selfie_retention_s
-        blob_id = await record_blob(self.rt, user_id, sha, len(image), "image/*", BlobKind.SELFIE, retention)
-        await asyncio.to_thread(self.rt.blobs.put, image)
+        sha, blob_id = await store_blob(self.rt, user_id, image, "image/*", BlobKind.SELFIE, retention)
         params = ToonParams(style_id=style_id, style=style_name, spec=spec, mode=mode, all_faces=all_faces)
         return await self._submit(JobKind.TOON, user_id, comm_id, params, blob_id, sha)
 

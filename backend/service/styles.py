@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import zipfile
@@ -15,7 +14,7 @@ from backend import ledger
 from backend.db.models import Blend, BlobKind, Community, Dataset, JobKind, StyleModel, StyleStatus
 from backend.errors import BadInputError, ConflictError, NotFoundError
 from backend.jobs import FinetuneParams
-from backend.ledger import NewJob, record_blob
+from backend.ledger import NewJob, store_blob
 from backend.service.base import Concern, get_community, get_user, names_redis, require_admin
 from backend.service.types import MAX_DATASET_BYTES, Actor, JobTicket, Place, StyleInfo
 from gan.blending import BlendSpec
@@ -163,10 +162,7 @@ class StyleCommands(Concern):
                 s.add(st)
             await s.commit()
             user_id, comm_id, style_id = user.id, comm.id, st.id
-        sha = hashlib.sha256(dataset).hexdigest()
-        # the row first, then the file: a file is never left without a row that accounts for it
-        blob_id = await record_blob(self.rt, None, sha, len(dataset), "application/zip", BlobKind.DATASET, None)
-        await asyncio.to_thread(self.rt.blobs.put, dataset)
+        sha, blob_id = await store_blob(self.rt, None, dataset, "application/zip", BlobKind.DATASET, None)
         async with self.rt.sessions() as s:
             ds = Dataset(community_id=comm_id, created_by=user_id, name=name, blob_id=blob_id, status="uploaded")
             s.add(ds)
