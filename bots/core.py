@@ -30,7 +30,7 @@ from backend.service import Actor, Place, PollInfo, ToonService
 from bots.strings import STRINGS, t
 
 log = logging.getLogger("toonify.bots")
-MODES = ("fast", "balanced", "quality")
+MODES = ("instant", "fast", "balanced", "quality")  # words /toon understands; none named: the service decides
 BLEND_BUTTONS = (8, 16, 32, 64)
 ORIGIN = "origin"  # Conversation.edit(ORIGIN, …): the message whose button was pressed
 IN_FLIGHT_WAIT_S = 30.0  # at shutdown, how long a message already on its way may take to be confirmed
@@ -150,6 +150,7 @@ class CommandCore:
             "cancel": self._cancel,
             "forget": self._forget,
             "finetune": self._finetune,
+            "distill": self._distill,
             "publish": self._publish,
             "poll": self._poll,
         }.get(cmd.name)
@@ -199,20 +200,12 @@ class CommandCore:
         if cmd.upload is None:
             await conv.send(Reply(t("need_photo", cmd.locale), ephemeral=True))
             return
-        style, blend, mode = cmd.options.get("style"), cmd.options.get("blend"), cmd.options.get("mode")
-        for arg in cmd.args:
-            if arg.isdigit():
-                blend = int(arg)
-            elif arg.lower() in MODES:
-                mode = arg.lower()
-            else:
-                style = arg
+        style, blend, mode = _style_blend_mode(cmd, modes=MODES)
         data = await self._download(cmd, conv)
         if data is None:
             return
-        ticket = await self.service.submit_toon(
-            cmd.actor, cmd.place, data, style=style, blend=blend, mode=mode or "balanced"
-        )
+        chosen = {"mode": mode} if mode else {}  # no mode named: the service picks (instant where a student exists)
+        ticket = await self.service.submit_toon(cmd.actor, cmd.place, data, style=style, blend=blend, **chosen)
         note = t("already", cmd.locale) if ticket.duplicate else None
         await self.follow(ticket.job_id, conv, cmd.locale, note=note)
 
@@ -277,6 +270,16 @@ class CommandCore:
             return
         ticket = await self.service.start_finetune(cmd.actor, cmd.place, name, data)
         await conv.send(Reply(t("finetune_queued", cmd.locale, name=name)))
+        await self.follow(ticket.job_id, conv, cmd.locale)
+
+    async def _distill(self, cmd: Command, conv: Conversation) -> None:
+        """Admins: train the instant model (a student network) for a style and blend; progress like /finetune."""
+        style, blend, _ = _style_blend_mode(cmd, modes=())
+        ticket = await self.service.start_distill(cmd.actor, cmd.place, style, blend)  # NotAllowedError: not admin
+        if ticket.duplicate:  # the same model is in training already: follow that job
+            await self.follow(ticket.job_id, conv, cmd.locale, note=t("distill_already", cmd.locale))
+            return
+        await conv.send(Reply(t("distill_queued", cmd.locale)))
         await self.follow(ticket.job_id, conv, cmd.locale)
 
     async def _publish(self, cmd: Command, conv: Conversation) -> None:
@@ -406,6 +409,11 @@ class CommandCore:
                 steps=result.get("steps"),
             )
             await self._safe_edit(conv, handle, Reply(text))
+        elif "student" in (final.result or {}):  # a distillation: the style's instant model
+            result = final.result
+            blend = (result.get("blend") or {}).get("resolution", "?")
+            text = t("distill_done", locale, style=result.get("style"), blend=blend)
+            await self._safe_edit(conv, handle, Reply(text))
         else:
             await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))  # no cancel button any more
             if not await self._send_result(job_id, conv, locale, delivery_id):
@@ -447,7 +455,9 @@ class CommandCore:
     def _result_reply(self, out, locale: str, images: list[tuple[str, bytes]]) -> Reply:
         blend = out.spec.get("resolution", "?")
         key = "done" if out.faces <= 1 else "done_faces"
-        text = t(key, locale, style=out.style, blend=blend, faces=out.faces)
+        mode = getattr(out, "mode", None)  # named only where it tells something: the instant model made it
+        how = t("mode_instant", locale) if mode == "instant" else ""
+        text = t(key, locale, style=out.style, blend=blend, faces=out.faces, how=how)
         if out.too_small:
             text += t("too_small_note", locale, n=out.too_small)
         buttons = [[Button(t("button_blend", locale, level=lv), f"b:{lv}") for lv in BLEND_BUTTONS if lv != blend]]
@@ -472,6 +482,20 @@ class CommandCore:
             return t(key, locale, bar=progress_bar(ev.step, ev.total), step=ev.step or 0, total=ev.total or 0)
         except KeyError:
             return t("starting", locale)
+
+
+def _style_blend_mode(cmd: Command, modes: tuple[str, ...]) -> tuple[str | None, int | None, str | None]:
+    """(style, blend, mode) from the typed options (Discord) and the words after the command, in any order:
+    a number is the blend, one of ``modes`` the mode, anything else the style."""
+    style, blend, mode = cmd.options.get("style"), cmd.options.get("blend"), cmd.options.get("mode")
+    for arg in cmd.args:
+        if arg.isdigit():
+            blend = int(arg)
+        elif arg.lower() in modes:
+            mode = arg.lower()
+        else:
+            style = arg
+    return style, blend, mode
 
 
 async def _finish_in_flight(step: Awaitable[None]) -> None:

@@ -2,8 +2,8 @@
 
 Every slash command is deferred at once (Discord allows 3 s) and then runs as its own task through the command
 core; the deferred "thinking" message becomes the core's first reply and later replies are followups. Deferrals are
-public for the commands whose answer concerns the channel (/toon, /blend, /blendvote, /finetune, /publish,
-/pollclose) and ephemeral for personal ones (/style, /styles, /cancel, /forget, /help). Discord cannot turn a
+public for the commands whose answer concerns the channel (/toon, /blend, /blendvote, /finetune, /distill,
+/publish, /pollclose) and ephemeral for personal ones (/style, /styles, /cancel, /forget, /help). Discord cannot turn a
 public deferral into an ephemeral message, so an ephemeral first reply to a public command (an error, mostly) is
 shown publicly in place of the "thinking" message; later ephemeral replies are ephemeral followups.
 
@@ -423,7 +423,7 @@ class ToonCog(commands.Cog, name=COG_NAME):
         image="A photo with a face",
         style="Which style (default: yours, or this server's)",
         blend="Blend resolution: small = more toon",
-        mode="fast, balanced or quality",
+        mode="instant, fast, balanced or quality (default: instant where the style has an instant model)",
     )
     @app_commands.autocomplete(style=style_choices)
     async def toon(
@@ -432,7 +432,7 @@ class ToonCog(commands.Cog, name=COG_NAME):
         image: discord.Attachment,
         style: str | None = None,
         blend: app_commands.Range[int, 4, 256] | None = None,
-        mode: Literal["fast", "balanced", "quality"] | None = None,
+        mode: Literal["instant", "fast", "balanced", "quality"] | None = None,
     ) -> None:
         opts = _options(style=style, blend=blend, mode=mode)
         await self._run(interaction, "toon", options=opts, upload=upload_of(image))
@@ -496,6 +496,21 @@ class ToonCog(commands.Cog, name=COG_NAME):
     @app_commands.guild_only()
     async def finetune(self, interaction: discord.Interaction, name: str, dataset: discord.Attachment) -> None:
         await self._run(interaction, "finetune", options={"name": name}, upload=upload_of(dataset))
+
+    @app_commands.command(name="distill", description=t("cmd_distill"))
+    @app_commands.describe(
+        style="Which style (default: this server's)", blend="Blend resolution (default: the style's)"
+    )
+    @app_commands.autocomplete(style=style_choices)
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def distill(
+        self,
+        interaction: discord.Interaction,
+        style: str | None = None,
+        blend: app_commands.Range[int, 4, 256] | None = None,
+    ) -> None:
+        await self._run(interaction, "distill", options=_options(style=style, blend=blend))
 
     @app_commands.command(name="publish", description=t("cmd_publish"))
     @app_commands.describe(name="The style to publish")

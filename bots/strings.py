@@ -6,21 +6,25 @@ STRINGS: dict[str, dict[str, str]] = {
     "en": {
         "help": (
             "Send a selfie with /toon and get yourself back as a toon.\n"
-            "/toon [style] [blend] [fast|balanced|quality] (attach a photo, or reply to one)\n"
+            "/toon [style] [blend] [instant|fast|balanced|quality] (attach a photo, or reply to one)\n"
+            "instant: the style's trained instant model, no wait; the default where the blend has one\n"
             "/blend <4-256>: re-draw your last toon with another blend (small = more toon)\n"
             "/blend vote: let this community vote on its favourite blend (admins)\n"
             "/style <name>: your default style; /styles lists them\n"
             "/cancel: stop your running job; /forget: delete everything of yours\n"
-            "Admins: /finetune <name> (attach a .zip of images), /publish <name>, /poll close"
+            "Admins: /finetune <name> (attach a .zip of images), /publish <name>, /poll close,\n"
+            "/distill [style] [blend]: train the instant model for a style and blend"
         ),
         "help_discord": (
             "Send a selfie with /toon and get yourself back as a toon.\n"
-            "/toon image [style] [blend] [mode]: attach a photo (mode: fast, balanced or quality)\n"
+            "/toon image [style] [blend] [mode]: attach a photo (mode: instant, fast, balanced or quality)\n"
+            "instant: the style's trained instant model, no wait; the default where the blend has one\n"
             "/blend <4-256>: re-draw your last toon with another blend (small = more toon)\n"
             "/blendvote [levels]: let this server vote on its favourite blend (admins)\n"
             "/style <name>: your default style; /styles lists them\n"
             "/cancel: stop your running job; /forget: delete everything of yours\n"
-            "Admins: /finetune <name> with a .zip of images, /publish <name>, /pollclose"
+            "Admins: /finetune <name> with a .zip of images, /publish <name>, /pollclose,\n"
+            "/distill [style] [blend]: train the instant model for a style and blend"
         ),
         "need_photo": "Attach a photo to /toon (or reply /toon to a photo).",
         "too_big": "That file is {size} MB; the limit here is {limit} MB. Send a smaller photo.",
@@ -34,8 +38,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "stage_paste": "Putting it back in your photo…",
         "stage_upload": "Almost there…",
         "stage_finetune": "Training the style… {bar} {step}/{total}",
-        "done": "Here you are ({style}, blend {blend}). Try another blend below.",
-        "done_faces": "Here you are: {faces} faces ({style}, blend {blend}).",
+        "stage_distill": "Training the instant model… {bar} {step}/{total}",
+        "done": "Here you are ({style}, blend {blend}{how}). Try another blend below.",
+        "done_faces": "Here you are: {faces} faces ({style}, blend {blend}{how}).",
+        "mode_instant": ", instant",
         "too_small_note": " {n} face(s) were too small to use.",
         "delivered": "Done.",
         "failed": "Sorry, that didn't work: {error}",
@@ -61,6 +67,9 @@ STRINGS: dict[str, dict[str, str]] = {
         "finetune_queued": "Fine-tuning '{name}' is queued. I'll post progress here.",
         "finetune_done": "'{name}' is trained ({images} images, {steps} steps). Publish it with /publish {name}.",
         "published": "'{name}' is published: everyone here can use /toon {name}.",
+        "distill_queued": "Training an instant model is queued. I'll post progress here.",
+        "distill_already": "That instant model is already being trained; here's where it stands.",
+        "distill_done": "'{style}' has an instant model for blend {blend} now: those toons need no waiting.",
         "unknown": "I don't know that command. /help lists what I can do.",
         "error": "Something went wrong on my side. Please try again in a minute.",
         "button_blend": "Blend {level}",
@@ -78,6 +87,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "cmd_help": "What I can do",
         "cmd_finetune": "Admins: train a style from a .zip of images",
         "cmd_publish": "Admins: publish a trained style",
+        "cmd_distill": "Admins: train a style's instant model for a blend",
         "cmd_poll": "Admins: /poll close ends the blend vote",
         "cmd_blendvote": "Admins: let this server vote on its favourite blend",
         "cmd_pollclose": "Admins: close this server's blend vote",

@@ -64,7 +64,10 @@ ANSWER_DEADLINE_S = 5.0  # a callback query left unanswered for long shows the u
 POLL_TIMEOUT_S = 20
 COMMANDS = {  # the menu set with setMyCommands (texts in bots.strings); /start is Telegram's own: /help
     name: t(f"cmd_{name}")
-    for name in ("toon", "blend", "style", "styles", "cancel", "forget", "help", "finetune", "publish", "poll")
+    for name in (
+        *("toon", "blend", "style", "styles", "cancel", "forget", "help"),
+        *("finetune", "distill", "publish", "poll"),  # admins
+    )
 }
 KNOWN = {*COMMANDS, "start"}
 
