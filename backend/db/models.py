@@ -111,6 +111,7 @@ class JobKind(enum.StrEnum):
     REBLEND = "reblend"
     FINETUNE = "finetune"
     PREVIEW = "preview"  # a poll's grid of candidate blends on probe faces
+    DISTILL = "distill"  # train a style's instant (student) network for one blend
 
 
 class JobStatus(enum.StrEnum):
@@ -307,6 +308,28 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
+
+
+class Student(Base):
+    """A style's instant network for one blend: an image-to-image student distilled from its base and blended
+    toon generators (gan.distill). ``blend_key`` is the spec's canonical JSON, so one row per style and blend;
+    ``base_hash``/``toon_hash`` are the lineage the file was trained for (a style whose checkpoint changed
+    no longer matches it, and the worker refuses to use it)."""
+
+    __tablename__ = "students"
+    __table_args__ = (sa.UniqueConstraint("style_id", "blend_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    style_id: Mapped[int] = mapped_column(_fk("style_models.id", "CASCADE"))
+    blend: Mapped[dict[str, Any]]  # BlendSpec.to_json()
+    blend_key: Mapped[str] = mapped_column(sa.String(1024))
+    path: Mapped[str] = mapped_column(sa.String(1024))  # absolute, or relative to data_dir
+    content_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    base_hash: Mapped[str] = mapped_column(sa.String(64))
+    toon_hash: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16), default="ready")
+    job_id: Mapped[str | None] = mapped_column(_fk("jobs.id", "SET NULL"), index=True)  # None: from the manifest
+    created_at: Mapped[datetime] = _created_at()
 
 
 class Dataset(Base):
