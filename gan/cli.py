@@ -118,6 +118,7 @@ def _toonifier(args: argparse.Namespace):
     from gan.pipeline import DEFAULT_SPEC, MODES, Toonifier
     from gan.styles import get_style
 
+    students = [Path(p) for p in getattr(args, "student", None) or []]
     if args.base or args.toon:
         if not (args.base and (args.toon or args.command == "project")):
             raise ValueError("give both --base and --toon, or --style")
@@ -125,6 +126,10 @@ def _toonifier(args: argparse.Namespace):
     else:
         style = get_style(args.style)
         base, toon, encoder, spec = style.base, style.toon, args.encoder or style.encoder, style.blend
+        students += [entry.file for entry in style.students]
+    step_mode = args.mode or "balanced"
+    if args.mode == "instant" and not students:
+        raise ValueError("instant mode needs a student (`toonify distill`, listed in the manifest or --student)")
     return Toonifier.from_files(
         base,
         toon,
@@ -134,7 +139,10 @@ def _toonifier(args: argparse.Namespace):
         spec=_spec_from_args(args, spec) if hasattr(args, "swap") else spec,
         device=args.device,
         min_face_size=args.min_face_size,
-        modes=None if args.steps is None else {args.mode: replace(MODES[args.mode], steps=args.steps)},
+        modes=None
+        if args.steps is None or args.mode == "instant"
+        else {step_mode: replace(MODES[step_mode], steps=args.steps)},
+        students=students,
     )
 
 
@@ -143,7 +151,8 @@ def cmd_toon(args: argparse.Namespace) -> int:
 
     toonifier = _toonifier(args)
     photo = load_image(args.photo)
-    result = toonifier.toonify(photo, mode=args.mode, all_faces=args.all_faces, progress=TerminalProgress())
+    mode = args.mode or ("instant" if toonifier.student_for() is not None else "balanced")
+    result = toonifier.toonify(photo, mode=mode, all_faces=args.all_faces, progress=TerminalProgress())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.composite.save(out)
@@ -153,7 +162,7 @@ def cmd_toon(args: argparse.Namespace) -> int:
     for face in result.too_small:
         print(f"note: skipped a face of {face.size}px (smaller than {args.min_face_size}px)", file=sys.stderr)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"wrote {out} and {len(result.crops)} toon crop(s); {times}", file=sys.stderr)
+    print(f"wrote {out} and {len(result.crops)} toon crop(s) ({mode} mode); {times}", file=sys.stderr)
     return 0
 
 
@@ -278,7 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--style", help="a style from the model manifest (default: the manifest's default)")
         s.add_argument("--base", help="base checkpoint (instead of --style)")
         s.add_argument("--encoder", help="encoder checkpoint for the base model")
-        s.add_argument("--mode", choices=["fast", "balanced", "quality"], default="balanced")
+        if name == "toon":
+            s.add_argument(
+                "--mode",
+                choices=["instant", "fast", "balanced", "quality"],
+                help="default: instant where the blend has a student, else balanced",
+            )
+            s.add_argument("--student", action="append", help="a distilled student file (repeatable)")
+        else:
+            s.add_argument("--mode", choices=["fast", "balanced", "quality"], default="balanced")
         s.add_argument("--steps", type=int, help="optimisation steps (default: the mode's)")
         s.add_argument("--all-faces", action="store_true", help="every face, not just the largest")
         s.add_argument("--min-face-size", type=int, default=64)
@@ -294,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.set_defaults(func=cmd_project, toon=None)
 
+    from gan.distill import add_distill_parser
     from gan.encoder import add_train_encoder_parser
 
     add_train_encoder_parser(sub)
+    add_distill_parser(sub)
 
     s = sub.add_parser("finetune", help="fine-tune a base model on a folder or zip of images (a toon style)")
     s.add_argument("base", help="base checkpoint with a discriminator (.safetensors, rosinality .pt, NVIDIA .pkl)")

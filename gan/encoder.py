@@ -117,12 +117,17 @@ class Encoder(nn.Module):
         return self.w_avg + self.w_scale * (torch.cat(offsets, dim=1) + shared[:, None])
 
 
-def _sample_ws(G: Generator, n: int, psi: tuple[float, float], g: torch.Generator) -> Tensor:
-    """W and W+ training codes: per-sample truncation ψ, half with per-layer ψ jitter, half style-mixed."""
+def sample_training_ws(
+    G: Generator, n: int, psi: tuple[float, float], g: torch.Generator, *, mixing: float = 0.5
+) -> Tensor:
+    """W and W+ training codes: per-sample truncation ψ, half with per-layer ψ jitter, ``mixing`` style-mixed.
+
+    Shared by the encoder and the distilled student (gan.distill): both learn from codes that cover what real
+    photos project to, not only the W of single z."""
     dev = G.device
     w = G.style(torch.randn(2 * n, G.z_dim, generator=g).to(dev)).view(2, n, 1, G.w_dim)
     cut = torch.randint(1, G.num_ws, (n, 1, 1), generator=g)
-    mixed = (torch.rand(n, 1, 1, generator=g) < 0.5) & (torch.arange(G.num_ws).view(1, -1, 1) >= cut)
+    mixed = (torch.rand(n, 1, 1, generator=g) < mixing) & (torch.arange(G.num_ws).view(1, -1, 1) >= cut)
     ws = torch.where(mixed.to(dev), w[1], w[0])
     p = torch.empty(n, 1, 1).uniform_(*psi, generator=g)
     jitter = torch.randn(n, G.num_ws, 1, generator=g) * 0.1 * (torch.rand(n, 1, 1, generator=g) < 0.5)
@@ -134,7 +139,7 @@ def _fit_shortcut(enc: Encoder, G: Generator, n: int, psi: tuple[float, float], 
     """Ridge regression thumbnail -> mean W+ row (in w_scale units) on ``n`` fresh samples."""
     xs, ys = [], []
     for i in range(0, n, 64):
-        ws = _sample_ws(G, min(64, n - i), psi, g)
+        ws = sample_training_ws(G, min(64, n - i), psi, g)
         x = F.interpolate(G.synthesis(ws, noise=G.make_noise(len(ws), generator=g)), size=enc.input_size, mode="area")
         xs.append(F.adaptive_avg_pool2d(x, enc.thumb).flatten(1).double())
         ys.append(((ws.mean(1) - enc.w_avg) / enc.w_scale).double())
@@ -185,7 +190,7 @@ def train_encoder(
             if should_cancel is not None and should_cancel():
                 raise EncoderTrainingCancelledError(f"cancelled at step {step}/{steps}")
             with torch.no_grad():
-                ws = _sample_ws(G, batch_size, truncation, g)
+                ws = sample_training_ws(G, batch_size, truncation, g)
                 images = G.synthesis(ws, noise=G.make_noise(batch_size, generator=g))
             pred = enc(images)
             loss = latent_weight * ((pred - ws) / enc.w_scale).square().mean()

@@ -5,11 +5,13 @@ selfie at another swap resolution costs one synthesis (pass the returned ``laten
 
 Modes: ``fast`` = encoder only; ``balanced`` = encoder, then a short optimisation; ``quality`` = a longer
 optimisation (from the encoder's guess when there is one). Without an encoder, ``balanced`` and ``quality``
-start from the average latent and ``fast`` is refused with a clear message.
+start from the average latent and ``fast`` is refused with a clear message. ``instant`` skips the latent space:
+a student network distilled for the blend (gan.distill) turns the aligned crop into the toon crop directly.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from gan.images import from_uint8, to_uint8
 from gan.networks import Generator
 from gan.projection import ProjectionConfig, project_batch
 
-Mode = Literal["fast", "balanced", "quality"]
+Mode = Literal["instant", "fast", "balanced", "quality"]
 StageProgress = Callable[[str, int, int], None]  # (stage, step, total)
 DEFAULT_SPEC = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 
@@ -66,7 +68,7 @@ class ToonResult:
     composite: Image.Image  # the photo with every toonified face pasted back
     crops: list[Image.Image]  # toon crops (aligned squares), largest face first
     aligned: list[AlignedFace]  # the aligned input crops and their transforms
-    latents: Tensor  # [F, num_ws, w_dim] in the base model's W+: reuse them to re-blend
+    latents: Tensor | None  # [F, num_ws, w_dim] in the base model's W+ (reuse them to re-blend); None: instant
     too_small: list[Face] = field(default_factory=list)  # faces found but too small to use
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     losses: Tensor | None = None  # final projection loss per face (None in fast mode)
@@ -106,6 +108,7 @@ class Toonifier:
         self._blends: OrderedDict[str, Generator] = OrderedDict()
         self._cache_size = cache_size
         self.modes = {**MODES, **(modes or {})}
+        self._students: dict[str, torch.nn.Module] = {}  # blend key -> distilled student for that blend
 
     @classmethod
     def from_files(
@@ -120,8 +123,10 @@ class Toonifier:
         device: str | None = None,
         min_face_size: int = 64,
         modes: dict[str, ModeSettings] | None = None,
+        students: list[str | Path] = (),
     ) -> Toonifier:
         from gan.checkpoints import CheckpointError, load_discriminator, load_generator
+        from gan.distill import load_student
         from gan.perceptual import build_perceptual_loss
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +141,7 @@ class Toonifier:
 
             encoder = load_encoder(encoder_path, base, device=device)
         loss = build_perceptual_loss(vgg_path, lpips_path, discriminator=disc).to(device)
-        return cls(
+        tf = cls(
             base,
             load_generator(toon_path, device),
             spec=spec,
@@ -146,6 +151,9 @@ class Toonifier:
             device=device,
             modes=modes,
         )
+        for path in students:
+            tf.add_student(load_student(path, device=device))
+        return tf
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -160,6 +168,39 @@ class Toonifier:
         self._blends.move_to_end(key)
         return self._blends[key]
 
+    def add_student(self, student: torch.nn.Module) -> None:
+        """Serve ``student`` (gan.distill.Student) in instant mode for the blend it was distilled for.
+
+        Raises StudentMismatchError when it was made from another base or toon model than this Toonifier's."""
+        from gan.distill import StudentMismatchError, blend_key, student_lineage
+
+        made_for = student.lineage
+        if made_for is None:
+            raise StudentMismatchError("this student records no lineage; it cannot be checked against the models")
+        why = made_for.mismatch(student_lineage(self.base, self.toon, made_for.spec))
+        if why:
+            raise StudentMismatchError(f"this student was distilled for {why}")
+        self._students[blend_key(made_for.spec)] = student.to(self.device).eval()
+
+    def student_for(self, spec: BlendSpec | None = None) -> torch.nn.Module | None:
+        """The student serving ``spec`` (default: this Toonifier's blend), or None."""
+        from gan.distill import blend_key
+
+        return self._students.get(blend_key(spec or self.spec))
+
+    def instant(self, crops: Tensor, spec: BlendSpec | None = None) -> list[Image.Image]:
+        """Toon crops for aligned crops [N, 3, R, R] in [-1, 1] by the student for ``spec``: one forward pass."""
+        from gan.distill import run_student
+
+        student = self.student_for(spec)
+        if student is None:
+            have = ", ".join(BlendSpec.from_json(json.loads(k)).describe() for k in self._students) or "none"
+            raise ValueError(
+                f"no instant model for blend {(spec or self.spec).describe()} (instant models: {have}); "
+                "make one with `toonify distill`, or use balanced mode"
+            )
+        return to_images(run_student(student, crops.to(self.device)))
+
     def project(
         self,
         crops: Tensor,
@@ -170,8 +211,10 @@ class Toonifier:
         seeds: list[int] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Aligned crops [N, 3, R, R] in [-1, 1] -> (W+ latents [N, num_ws, w_dim], final loss per face)."""
+        if mode == "instant":
+            raise ValueError("instant mode has no latents: it maps photo to toon directly (Toonifier.instant)")
         if mode not in self.modes:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(self.modes)}")
+            raise ValueError(f"unknown mode {mode!r}; choose one of instant, {', '.join(self.modes)}")
         settings = self.modes[mode]
         init = None
         if settings.use_encoder and self.encoder is not None:
@@ -238,6 +281,19 @@ class Toonifier:
         timings["align"] = time.perf_counter() - t0
         if progress:
             progress("align", 1, 1)
+
+        if mode == "instant" and latents is None:
+            t0 = time.perf_counter()
+            toon_crops = self.instant(to_tensor([a.image for a in aligned], self.device), spec)
+            timings["instant"] = time.perf_counter() - t0
+            if progress:
+                progress("render", 1, 1)
+            t0 = time.perf_counter()
+            composite = self.composite(image, aligned, toon_crops)
+            timings["paste"] = time.perf_counter() - t0
+            if progress:
+                progress("paste", 1, 1)
+            return ToonResult(composite, toon_crops, aligned, None, list(alignment.too_small), timings)
 
         t0 = time.perf_counter()
         losses = None

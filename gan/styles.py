@@ -25,12 +25,48 @@ DEFAULT_BLEND = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 
 
 @dataclass(frozen=True)
+class StudentEntry:
+    """An instant (distilled) model listed for a style: its file and the blend it renders."""
+
+    file: Path
+    blend: BlendSpec
+    raw: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], directory: Path) -> StudentEntry:
+        return cls(file=directory / d["file"], blend=BlendSpec.from_json(d["blend"]), raw=MappingProxyType(dict(d)))
+
+    @classmethod
+    def for_student(cls, path: Path, student: Any, directory: Path) -> StudentEntry:
+        """The entry for a just-written student (``gan.distill.Student``), its file relative to ``directory``."""
+        try:
+            rel = str(Path(path).resolve().relative_to(Path(directory).resolve()))
+        except ValueError:
+            rel = str(Path(path).resolve())
+        lineage, meta = student.lineage, student.meta
+        raw = {"file": rel, "blend": lineage.blend, "base_hash": lineage.base_hash, "toon_hash": lineage.toon_hash,
+               "content_hash": meta.get("content_hash"), "command": meta.get("command", []),
+               "kimg": meta.get("training", {}).get("kimg"), "final_losses": meta.get("final_losses", {})}  # fmt: skip
+        return cls(file=Path(path), blend=lineage.spec, raw=MappingProxyType(raw))
+
+
+def _same_blend(a: BlendSpec, b: BlendSpec) -> bool:
+    return json.dumps(a.to_json(), sort_keys=True) == json.dumps(b.to_json(), sort_keys=True)
+
+
+@dataclass(frozen=True)
 class Style:
     name: str
     base: Path
     toon: Path
     encoder: Path | None
     blend: BlendSpec
+    students: tuple[StudentEntry, ...] = ()
+
+    def student_for(self, spec: BlendSpec | None = None) -> StudentEntry | None:
+        """The instant model listed for ``spec`` (default: the style's blend), if any."""
+        spec = spec or self.blend
+        return next((s for s in self.students if _same_blend(s.blend, spec)), None)
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,7 @@ class Manifest:
                 toon=directory / entry["toon"],
                 encoder=path(encoder),
                 blend=BlendSpec.from_json(entry["blend"]) if "blend" in entry else DEFAULT_BLEND,
+                students=tuple(StudentEntry.from_json(st, directory) for st in entry.get("students", [])),
             )
         return cls(
             directory=directory,
@@ -74,6 +111,23 @@ class Manifest:
             styles=MappingProxyType(styles),
             raw=MappingProxyType(data),
         )
+
+
+def add_student_to_manifest(directory: Path, style: str, entry: StudentEntry) -> None:
+    """List ``entry`` under ``style`` in ``directory``'s manifest (replacing one for the same blend), atomically."""
+    path = Path(directory) / "manifest.json"
+    with _cache_lock:
+        data = json.loads(path.read_text())
+        if style not in data.get("styles", {}):
+            raise ValueError(f"the manifest in {directory} has no style {style!r}")
+        students = [
+            st for st in data["styles"][style].get("students", [])
+            if not _same_blend(BlendSpec.from_json(st["blend"]), entry.blend)
+        ]  # fmt: skip
+        data["styles"][style]["students"] = [*students, dict(entry.raw)]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)  # readers see the old manifest or the new one, never half of one
 
 
 def models_dir() -> Path:
