@@ -286,6 +286,7 @@ class CommandCore:
         name = cmd.options.get("name") or (cmd.args[0] if cmd.args else "")
         info = await self.service.publish_style(cmd.actor, cmd.place, name)
         await conv.send(Reply(t("published", cmd.locale, name=info.name)))
+        await self._follow_distill(getattr(info, "distill_job_id", None), conv, cmd.locale)
 
     async def _poll(self, cmd: Command, conv: Conversation) -> None:
         if not cmd.args or cmd.args[0].lower() != "close":
@@ -297,6 +298,13 @@ class CommandCore:
             return
         closed = await self.service.close_poll(cmd.actor, cmd.place, info.poll_id)
         await conv.send(self._poll_reply(closed, cmd.locale))
+        await self._follow_distill(getattr(closed, "distill_job_id", None), conv, cmd.locale)
+
+    async def _follow_distill(self, job_id: str | None, conv: Conversation, locale: str) -> None:
+        """A publish or a poll's new default blend queued the training of an instant model: show it like /distill."""
+        if job_id is not None:
+            await conv.send(Reply(t("distill_auto", locale)))
+            await self.follow(job_id, conv, locale)
 
     async def _start_poll(self, cmd: Command, conv: Conversation, levels: tuple[int, ...]) -> None:
         info = await self.service.start_blend_poll(cmd.actor, cmd.place, style=cmd.options.get("style"), levels=levels)

@@ -68,6 +68,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "finetune_done": "'{name}' is trained ({images} images, {steps} steps). Publish it with /publish {name}.",
         "published": "'{name}' is published: everyone here can use /toon {name}.",
         "distill_queued": "Training an instant model is queued. I'll post progress here.",
+        "distill_auto": "Training an instant model for it now: toons with it will need no waiting.",
         "distill_already": "That instant model is already being trained; here's where it stands.",
         "distill_done": "'{style}' has an instant model for blend {blend} now: those toons need no waiting.",
         "unknown": "I don't know that command. /help lists what I can do.",
