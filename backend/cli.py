@@ -18,6 +18,9 @@ from pathlib import Path
 
 from backend.config import Settings
 
+# backend.jobs.MODES, spelled out so that `toonify --help` does not import torch (a test keeps them equal)
+SUBMIT_MODES = ("instant", "fast", "balanced", "quality")
+
 
 def add_backend_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("db", help="database migrations")
@@ -34,7 +37,12 @@ def add_backend_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="composite PNG to write; crops go next to it")
     s.add_argument("--style")
     s.add_argument("--blend", help="swap resolution, e.g. 16 or 32 (default: the style's)")
-    s.add_argument("--mode", choices=["fast", "balanced", "quality"], default="balanced")
+    s.add_argument(
+        "--mode",
+        choices=SUBMIT_MODES,
+        default=None,
+        help="default: instant where the style has an instant model for the blend, else balanced",
+    )
     s.add_argument("--largest-face", action="store_true", help="only the largest face")
     s.add_argument("--no-worker", action="store_true", help="do not run a worker here (one runs elsewhere)")
     s.add_argument("--user", default="local", help="user id recorded for the job")
@@ -154,7 +162,7 @@ async def _submit_and_watch(service, actor, args: argparse.Namespace) -> int:
         path.with_name(f"{path.stem}_toon{i}.png").write_bytes(crop)
     await service.claim_delivery(ticket.job_id)
     print(
-        f"wrote {path} and {len(out.crops)} crop(s); style {out.style}, blend {json.dumps(out.spec)}",
+        f"wrote {path} and {len(out.crops)} crop(s); style {out.style}, blend {json.dumps(out.spec)}, mode {out.mode}",
         file=sys.stderr,
     )
     return 0

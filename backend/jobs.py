@@ -12,26 +12,33 @@ from typing import Any
 
 from backend.db.models import JobKind
 from gan.blending import BlendSpec
+from gan.distill import blend_key  # the canonical JSON of a blend: students.blend_key (one per style and blend)
 from gan.styles import DEFAULT_BLEND
 
 __all__ = [
     "DEFAULT_BLEND",
     "MODES",
+    "PROJECTION_MODES",
+    "DistillParams",
+    "DistillResult",
     "FinetuneParams",
     "FinetuneResult",
     "PreviewParams",
     "ToonParams",
     "ToonResult",
+    "blend_key",
     "params_from_json",
     "queue_of",
 ]
 
-MODES = ("fast", "balanced", "quality")  # projection recipes (gan.pipeline)
+PROJECTION_MODES = ("fast", "balanced", "quality")  # projection recipes (gan.pipeline)
+MODES = ("instant", *PROJECTION_MODES)  # instant: the style's distilled student network, no projection
+LONG_KINDS = (JobKind.FINETUNE, JobKind.DISTILL)  # training: minutes to hours, on their own queue
 
 
 def queue_of(kind: JobKind) -> str:
     """The queue role (a key of ``backend.keys.QUEUE_NAMES``) that runs jobs of ``kind``."""
-    return "finetune" if kind == JobKind.FINETUNE else "toon"
+    return "finetune" if kind in LONG_KINDS else "toon"
 
 
 def _spec(value: dict[str, Any] | None) -> BlendSpec | None:
@@ -142,13 +149,45 @@ class FinetuneParams:
         )
 
 
-JobParams = ToonParams | PreviewParams | FinetuneParams
+@dataclass(frozen=True)
+class DistillParams:
+    """Train the instant (student) network of a style for one blend; ``reason``: who asked (admin, publish, poll)."""
+
+    style_id: int
+    style: str
+    spec: BlendSpec
+    kimg: float
+    reason: str = "admin"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "style_id": self.style_id,
+            "style": self.style,
+            "spec": self.spec.to_json(),
+            "kimg": self.kimg,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DistillParams:
+        return cls(
+            style_id=int(d["style_id"]),
+            style=str(d.get("style", "")),
+            spec=BlendSpec.from_json(d["spec"]),
+            kimg=float(d["kimg"]),
+            reason=str(d.get("reason", "admin")),
+        )
+
+
+JobParams = ToonParams | PreviewParams | FinetuneParams | DistillParams
 
 
 def params_from_json(kind: JobKind, d: dict[str, Any]) -> JobParams:
     """The typed parameters of a job row of ``kind``."""
     if kind == JobKind.FINETUNE:
         return FinetuneParams.from_json(d)
+    if kind == JobKind.DISTILL:
+        return DistillParams.from_json(d)
     if kind == JobKind.PREVIEW:
         return PreviewParams.from_json(d)
     return ToonParams.from_json(d)
@@ -166,6 +205,7 @@ class ToonResult:
     spec: BlendSpec | None = None  # None for a preview (many blends)
     image_sha256: str | None = None  # the photo (toon and re-blend)
     poll_id: int | None = None  # the poll (preview)
+    mode: str = ""  # how the toon was made (instant, fast, balanced, quality); "" for a preview and older rows
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -176,6 +216,8 @@ class ToonResult:
             "style": self.style,
             "spec": self.spec.to_json() if self.spec else {},
         }
+        if self.mode:
+            d["mode"] = self.mode
         if self.image_sha256 is not None:
             d["image_sha256"] = self.image_sha256
         if self.poll_id is not None:
@@ -194,6 +236,7 @@ class ToonResult:
             spec=_spec(d.get("spec")),
             image_sha256=d.get("image_sha256"),
             poll_id=d.get("poll_id"),
+            mode=str(d.get("mode", "")),
         )
 
 
@@ -230,4 +273,43 @@ class FinetuneResult:
             metrics=d.get("metrics"),
             dataset=dict(d.get("dataset") or {}),
             report=d.get("report"),
+        )
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """A finished distillation: the student file (``student``) and the style and blend it was trained for."""
+
+    style: str
+    blend: BlendSpec
+    student: str  # the file's path
+    kimg: float
+    content_hash: str | None = None
+    base_hash: str = ""
+    toon_hash: str = ""
+    reason: str = "admin"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "style": self.style,
+            "blend": self.blend.to_json(),
+            "student": self.student,
+            "kimg": self.kimg,
+            "content_hash": self.content_hash,
+            "base_hash": self.base_hash,
+            "toon_hash": self.toon_hash,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DistillResult:
+        return cls(
+            style=str(d.get("style", "")),
+            blend=BlendSpec.from_json(d["blend"]),
+            student=str(d["student"]),
+            kimg=float(d.get("kimg", 0.0)),
+            content_hash=d.get("content_hash"),
+            base_hash=str(d.get("base_hash", "")),
+            toon_hash=str(d.get("toon_hash", "")),
+            reason=str(d.get("reason", "admin")),
         )

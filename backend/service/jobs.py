@@ -16,11 +16,12 @@ from arq.jobs import Job as ArqJob
 from backend import keys, ledger
 from backend.db.models import Blob, BlobKind, Community, Job, JobKind, JobStatus, StyleModel, User, utcnow
 from backend.errors import BadInputError, ConflictError, NotFoundError
-from backend.jobs import MODES, ToonParams, ToonResult, queue_of
+from backend.jobs import MODES, PROJECTION_MODES, ToonParams, ToonResult, queue_of
 from backend.ledger import NewJob, store_blob
 from backend.progress import ProgressEvent, latest, watch
 from backend.quotas import QuotaExceededError
 from backend.service.base import Concern, get_community, get_user, names_redis, names_redis_iter
+from backend.service.students import blend_words, ready_student
 from backend.service.styles import default_spec, resolve_style
 from backend.service.types import Actor, JobTicket, Place, QuotaError, ToonOutput, parse_blend
 from gan.blending import BlendSpec
@@ -39,10 +40,14 @@ class JobCommands(Concern):
         *,
         style: str | None = None,
         blend: int | str | BlendSpec | None = None,
-        mode: str = "balanced",
+        mode: str | None = None,
         all_faces: bool = True,
     ) -> JobTicket:
         """Queue a toon of ``image``: checked (size, decodable, pixel limit), stored, quota-counted, enqueued.
+
+        ``mode`` None decides for the caller: ``instant`` where the style has a ready student network for the
+        blend this request renders, else ``balanced``. ``instant`` asked for by name without a student is a
+        BadInputError naming the style and blend; the projection modes always project.
 
         The photo's row is written before its file, and the quota slot is given back whenever the job row is
         not written, so a failure part-way (the database gone, say) leaves neither a file nothing accounts
@@ -50,8 +55,8 @@ class JobCommands(Concern):
         limit = self.rt.settings.max_upload_bytes
         if len(image) > limit:
             raise BadInputError(f"that file is {len(image) / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB")
-        if mode not in MODES:
-            raise BadInputError(f"mode must be fast, balanced or quality, not {mode!r}")
+        if mode is not None and mode not in MODES:
+            raise BadInputError(f"mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, not {mode!r}")
         try:
             await asyncio.to_thread(decode_image, image)
         except BadImageError as e:
@@ -62,12 +67,26 @@ class JobCommands(Concern):
             comm = await get_community(s, place, user, actor)
             st = await self._requested_style(s, actor, user, comm, style)
             spec = spec or await default_spec(s, st, comm)
+            mode = await self._mode_for(s, st, spec, mode)
             await s.commit()
             user_id, comm_id, style_id, style_name = user.id, comm.id if comm else None, st.id, st.name
         retention = self.rt.settings.selfie_retention_s
         sha, blob_id = await store_blob(self.rt, user_id, image, "image/*", BlobKind.SELFIE, retention)
         params = ToonParams(style_id=style_id, style=style_name, spec=spec, mode=mode, all_faces=all_faces)
         return await self._submit(JobKind.TOON, user_id, comm_id, params, blob_id, sha)
+
+    async def _mode_for(self, s, style: StyleModel, spec: BlendSpec, mode: str | None) -> str:
+        """The mode a request runs in (see submit_toon)."""
+        if mode in PROJECTION_MODES:
+            return mode
+        if await ready_student(s, self.rt.settings.data_dir, style.id, spec) is not None:
+            return "instant"
+        if mode == "instant":
+            raise BadInputError(
+                f"the style {style.name!r} has no instant model for {blend_words(spec)} yet; "
+                "leave out 'instant' to have it projected, or ask an admin to /distill it"
+            )
+        return "balanced"
 
     async def _requested_style(
         self, s, actor: Actor, user: User, comm: Community | None, style: str | None
@@ -84,7 +103,8 @@ class JobCommands(Concern):
     async def reblend(
         self, actor: Actor, place: Place | None, blend: int | str | BlendSpec, *, style: str | None = None
     ) -> JobTicket:
-        """Re-render the actor's latest toon at another blend (its latents are cached: no projection)."""
+        """Re-render the actor's latest toon at another blend: with the style's student for that blend where
+        one exists (instant), else by projection (the latents of a projected toon are cached: no new search)."""
         spec = parse_blend(blend)
         async with self.rt.sessions() as s:
             user = await get_user(s, actor)
@@ -103,8 +123,10 @@ class JobCommands(Concern):
                 raise NotFoundError("there is no earlier photo of yours to re-blend; send one with /toon first")
             before = ToonParams.from_json(last.params)
             st = await resolve_style(s, self.rt.models_dir, style or before.style, comm, drafts=actor.is_admin)
+            projection = before.mode if before.mode in PROJECTION_MODES else "balanced"
+            mode = "instant" if await ready_student(s, self.rt.settings.data_dir, st.id, spec) else projection
             await s.commit()
-            params = replace(before, style_id=st.id, style=st.name, spec=spec, reblend_of=last.id)
+            params = replace(before, style_id=st.id, style=st.name, spec=spec, mode=mode, reblend_of=last.id)
             blob = await s.get(Blob, last.input_blob_id)
             user_id, comm_id, blob_id, sha = user.id, comm.id if comm else None, last.input_blob_id, blob.sha256
         if not self.rt.blobs.exists(sha):
@@ -187,7 +209,7 @@ class JobCommands(Concern):
         except FileNotFoundError as e:
             raise NotFoundError("this result has expired or was deleted") from e
         spec: dict[str, Any] = r.spec.to_json() if r.spec else {}
-        return ToonOutput(job.id, composite, crops, r.style, spec, r.faces, r.too_small)
+        return ToonOutput(job.id, composite, crops, r.style, spec, r.faces, r.too_small, r.mode)
 
     async def claim_delivery(self, job_id: str) -> bool:
         """True for exactly one caller per finished job: the front end that should send the result."""

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend import ledger
-from backend.db.models import Blend, Job, JobKind, Poll, PollOption, PollStatus, StyleModel, Vote, utcnow
+from backend.db.models import Blend, Community, Job, JobKind, Poll, PollOption, PollStatus, StyleModel, Vote, utcnow
 from backend.errors import BadInputError, ConflictError, NotFoundError
 from backend.jobs import PreviewParams
 from backend.ledger import NewJob
 from backend.service.base import Concern, get_community, get_user, names_redis, require_admin
-from backend.service.styles import resolve_style
+from backend.service.students import auto_distill
+from backend.service.styles import default_spec, resolve_style
 from backend.service.types import Actor, Place, PollInfo, PollOptionInfo, parse_blend
 
 
@@ -137,13 +139,16 @@ class PollCommands(Concern):
         async with self.rt.sessions() as s:
             comm = None
             if actor is not None:
-                _, comm = await require_admin(s, actor, place)
+                user, comm = await require_admin(s, actor, place)
             poll = await s.get(Poll, poll_id)
             if poll is None or (comm is not None and poll.community_id != comm.id):
                 raise NotFoundError("there is no such poll here")
             if poll.status == PollStatus.CLOSED:
                 return await poll_info(s, poll_id)
             info = await poll_info(s, poll_id)
+            style = await s.get(StyleModel, poll.style_id)
+            before = await default_spec(s, style, comm or await s.get(Community, poll.community_id))
+            owner = user.id if actor is not None else poll.created_by or style.created_by
             best = max(info.tally.values(), default=0)
             if best > 0:  # ties go to the earliest option
                 position = min(p for p, n in info.tally.items() if n == best)
@@ -157,8 +162,15 @@ class PollCommands(Concern):
                 )
                 poll.winner_blend_id = option.blend_id
             poll.status = PollStatus.CLOSED
+            after = await default_spec(s, style, await s.get(Community, poll.community_id))
             await s.commit()
-            return await poll_info(s, poll_id)
+            info = await poll_info(s, poll_id)
+        if after == before:
+            return info
+        job_id = await auto_distill(
+            self.rt, style.id, after, user_id=owner, community_id=poll.community_id, reason="poll"
+        )  # the community's new default blend gets its instant model
+        return replace(info, distill_job_id=job_id)
 
     async def open_poll(self, place: Place | None) -> PollInfo | None:
         """The community's most recent open poll."""

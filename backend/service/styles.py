@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend import ledger
-from backend.db.models import Blend, BlobKind, Community, Dataset, JobKind, StyleModel, StyleStatus
+from backend.db.models import Blend, BlobKind, Community, Dataset, JobKind, Student, StyleModel, StyleStatus
 from backend.errors import BadInputError, ConflictError, NotFoundError
-from backend.jobs import FinetuneParams
+from backend.jobs import FinetuneParams, blend_key
 from backend.ledger import NewJob, store_blob
 from backend.service.base import Concern, get_community, get_user, names_redis, require_admin
-from backend.service.types import MAX_DATASET_BYTES, Actor, JobTicket, Place, StyleInfo
+from backend.service.students import READY, auto_distill, queue_distill
+from backend.service.types import MAX_DATASET_BYTES, Actor, JobTicket, Place, StyleInfo, parse_blend
 from gan.blending import BlendSpec
 from gan.styles import DEFAULT_BLEND, read_manifest
 
@@ -71,9 +73,26 @@ def _info(st: StyleModel) -> StyleInfo:
     return StyleInfo(st.name, st.status.value, st.community_id is not None, st.default_blend)
 
 
+async def _sync_students(s: AsyncSession, row: StyleModel, style) -> None:
+    """The manifest's students of a bundled style as rows. A row a distillation job made for the same base and
+    toon stays (it is newer work on the same models); anything else is replaced by the manifest's entry."""
+    for entry in getattr(style, "students", ()):
+        key, raw = blend_key(entry.blend), entry.raw
+        hashes = {"base_hash": str(raw.get("base_hash", "")), "toon_hash": str(raw.get("toon_hash", ""))}
+        have = await s.scalar(sa.select(Student).where(Student.style_id == row.id, Student.blend_key == key))
+        if have is None:
+            have = Student(style_id=row.id, blend_key=key)
+            s.add(have)
+        elif have.job_id is not None and (have.base_hash, have.toon_hash) == tuple(hashes.values()):
+            continue
+        have.blend, have.path, have.content_hash = entry.blend.to_json(), str(entry.file), raw.get("content_hash")
+        have.base_hash, have.toon_hash, have.status, have.job_id = *hashes.values(), READY, None
+
+
 class StyleCommands(Concern):
     async def sync_bundled_styles(self) -> None:
-        """Make the styles of the model manifest (bundled demo or TOONIFY_MODELS_DIR) global published rows."""
+        """Make the styles of the model manifest (bundled demo or TOONIFY_MODELS_DIR) global published rows, and
+        record the students it lists."""
         try:
             manifest = read_manifest(self.rt.models_dir)
         except FileNotFoundError:
@@ -85,17 +104,18 @@ class StyleCommands(Concern):
                 )
                 path, blend = str(style.toon), style.blend.to_json()
                 if row is None:
-                    s.add(
-                        StyleModel(
-                            name=name,
-                            community_id=None,
-                            status=StyleStatus.PUBLISHED,
-                            checkpoint_path=path,
-                            default_blend=blend,
-                        )
+                    row = StyleModel(
+                        name=name,
+                        community_id=None,
+                        status=StyleStatus.PUBLISHED,
+                        checkpoint_path=path,
+                        default_blend=blend,
                     )
+                    s.add(row)
+                    await s.flush()
                 else:
                     row.checkpoint_path, row.default_blend = path, blend
+                await _sync_students(s, row, style)
             try:
                 await s.commit()
             except sa.exc.IntegrityError:  # another process synced at the same moment
@@ -185,5 +205,32 @@ class StyleCommands(Concern):
             if st.status != StyleStatus.DRAFT:
                 raise ConflictError(f"{name!r} is {st.status.value}; only a finished draft can be published")
             st.status = StyleStatus.PUBLISHED
+            user = await get_user(s, actor)
+            spec = await default_spec(s, st, comm)
             await s.commit()
-            return _info(st)
+            info, ids = _info(st), (st.id, user.id, comm.id)
+        job_id = await auto_distill(self.rt, ids[0], spec, user_id=ids[1], community_id=ids[2], reason="publish")
+        return replace(info, distill_job_id=job_id)
+
+    @names_redis
+    async def start_distill(
+        self,
+        actor: Actor,
+        place: Place | None,
+        style: str | None = None,
+        blend: int | str | BlendSpec | None = None,
+        kimg: float | None = None,
+    ) -> JobTicket:
+        """Admins: queue the training of ``style``'s instant model for ``blend`` (default: the blend this
+        community gets now). The same style, blend and length while it is queued, running or done is one job."""
+        if kimg is not None and not kimg > 0:
+            raise BadInputError(f"kimg must be a positive number of thousands of images, not {kimg!r}")
+        spec = parse_blend(blend)
+        async with self.rt.sessions() as s:
+            user, comm = await require_admin(s, actor, place)
+            st = await resolve_style(s, self.rt.models_dir, style, comm, drafts=True)
+            spec = spec or await default_spec(s, st, comm)
+            await s.commit()
+            user_id, comm_id = user.id, comm.id
+        created = await queue_distill(self.rt, st, spec, user_id=user_id, community_id=comm_id, kimg=kimg)
+        return JobTicket(created.job_id, created.status.value, duplicate=created.duplicate)

@@ -54,6 +54,7 @@ class ToonOutput:
     spec: dict[str, Any]
     faces: int
     too_small: int
+    mode: str = ""  # how it was made: instant (the style's student network), fast, balanced or quality
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class StyleInfo:
     status: str
     community: bool  # True: this community's own style; False: available everywhere
     default_blend: dict[str, Any]
+    distill_job_id: str | None = None  # publish_style: the job training its instant model, when one was queued
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class PollInfo:
     tally: dict[int, int] = field(default_factory=dict)  # position -> votes
     winner: int | None = None
     preview_job_id: str | None = None  # renders the grid of options on probe faces (watch it, then result())
+    distill_job_id: str | None = None  # close_poll: the job training the new default blend's instant model
 
 
 @dataclass(frozen=True)
