@@ -20,7 +20,10 @@ Sections (a table for each, and everything in ``--json``):
 * **speed**: faces/s from aligned crop to toon crop (alignment and paste-back cost the same on both paths)
   at batch 1 and 32, per device. Student: ``gan.distill.run_student``, median of repeats after a warm-up.
   Balanced: encoder + 40 refine steps + the blended render; at 256 px only the first steps are timed and the
-  rest extrapolated from the median step (the row says how many), as ``bench/gpu.py`` does. Models: the demo
+  rest extrapolated from the median step (the row says how many), as ``bench/gpu.py`` does. Projection keeps
+  a graph per face, so a batch is projected in passes as the worker sends them: at most 16 faces
+  (``--pass-faces``) and no more than free memory holds (``gan.projection.faces_per_pass``; on CPU the host's
+  MemAvailable); the row's cost per face is that of one full pass (``pass_faces``, ``passes``). Models: the demo
   style, and 256 px config-f networks with random weights (``bench/gpu.py``'s ``networks``) beside a student
   of the default size for 256 px (speed only: the values do not change the cost).
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import resource
 import sys
 import time
@@ -57,6 +61,7 @@ from gan.images import from_uint8, psnr, to_uint8  # noqa: E402
 from gan.networks import Generator  # noqa: E402
 from gan.perceptual import DiscriminatorFeatureLoss, build_perceptual_loss  # noqa: E402
 from gan.pipeline import MODES, Toonifier, to_tensor  # noqa: E402
+from gan.projection import faces_per_pass  # noqa: E402
 from gan.styles import Style, get_style  # noqa: E402
 from gan.synthetic import make_dataset  # noqa: E402
 
@@ -78,6 +83,7 @@ class Plan:
     cf_resolution: int = 256
     cf_networks: bench_gpu.Plan = field(default_factory=bench_gpu.Plan)  # config-f: multiplier 2, 512 max
     cf_student: dict = field(default_factory=dict)  # Student(...) arguments beyond the resolution: the default
+    pass_faces: int = 16  # faces per projection pass at most: backend.batching's default max_faces
     train_kimg: float = 2.0  # a student trained on the fly when none is given or listed (with a warning)
 
 
@@ -142,6 +148,16 @@ def d_feature_metric(base_path: Path, device: torch.device) -> DiscriminatorFeat
 
 # ----------------------------------------------------------------------------------------------------------
 # The three paths from aligned crops to toon crops
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory for a projection pass: the GPU's, or the host's MemAvailable (Linux) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo: pass --pass-faces")
 
 
 def render_latents(G: Generator, latents: Tensor) -> Tensor:
@@ -237,10 +253,15 @@ def bench_speed(
         rows.append({**base, "path": "student", "s_per_face": s / batch, "faces_s": batch / s})
         print_row(rows[-1])
 
+        # Projection keeps a graph per face: a batch goes in passes, as the worker sends them (at most
+        # plan.pass_faces, and no more than the free memory holds); the row costs one pass of the full size.
+        pass_faces = min(
+            batch, faces_per_pass(free_bytes(device), tf.base.config, steps=steps, max_faces=plan.pass_faces)
+        )
         tf.modes["balanced"] = replace(settings, steps=min(steps, timed_steps))
         try:
             tf.project(crops[:1], "balanced", seeds=[0])  # warm-up (kernels, allocator) outside the row
-            projected = bench_gpu.project_row(tf, "balanced", crops, steps, device)
+            projected = bench_gpu.project_row(tf, "balanced", crops[:pass_faces], steps, device)
         finally:
             tf.modes["balanced"] = settings
         latents = torch.randn(batch, tf.base.num_ws, tf.base.w_dim, device=device)
@@ -249,6 +270,7 @@ def bench_speed(
         per_face = projected["s_per_face"] + render_s / batch
         rows.append({**base, "path": "balanced", "s_per_face": per_face, "faces_s": 1 / per_face, "steps": steps,
                      "timed_steps": projected["timed_steps"], "extrapolated_steps": projected["extrapolated_steps"],
+                     "pass_faces": pass_faces, "passes": math.ceil(batch / pass_faces),
                      "render_s_per_face": render_s / batch})  # fmt: skip
         print_row(rows[-1])
     return rows
@@ -326,7 +348,7 @@ def _fmt(v: object) -> str:
 COLUMNS = {
     "quality": ("path", "faces", "psnr", "psnr_min", "dfeat", "dfeat_max"),
     "identity": ("set", "path", "faces", "inputs_readable", "readable", "distance", "same_person"),
-    "speed": ("model", "res", "device", "path", "batch", "faces_s", "s_per_face", "timed_steps", "steps"),
+    "speed": ("model", "res", "device", "path", "batch", "faces_s", "s_per_face", "pass_faces", "timed_steps", "steps"),
 }
 TITLES = {
     "quality": "quality: distance to the teacher's render on held-out latents (PSNR dB higher, D-feature lower)",
@@ -391,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated devices for the speed rows; quality runs on the last one")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="toy counts and sizes: the same code paths, fast")
     p.add_argument("--holdout", type=int, help="held-out latents (default 32; quick: 2)")
+    p.add_argument("--pass-faces", type=int, help="faces per projection pass at most (default 16, as the worker)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="write every row and the summary here")
     args = p.parse_args(argv)
@@ -399,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else Plan()
     if args.holdout is not None:
         plan = replace(plan, holdout=args.holdout)
+    if args.pass_faces is not None:
+        plan = replace(plan, pass_faces=args.pass_faces)
     devices = [torch.device(d.strip()) for d in args.device.split(",") if d.strip()]
     main_device = devices[-1]
 

@@ -79,6 +79,7 @@ def test_quick_run_with_a_given_student(tmp_path: Path, tiny_student: Path) -> N
             timed = plan.demo_timed_steps if model == "demo" else plan.cf_timed_steps
             assert balanced["steps"] == 40 and balanced["timed_steps"] == timed
             assert balanced["extrapolated_steps"] == 40 - timed
+            assert balanced["pass_faces"] == batch and balanced["passes"] == 1  # toy sizes: one pass holds them
 
     speedups = summary["speedup_per_face"]
     assert sorted(speedups) == sorted(f"{m} cpu batch {b}" for m in ("demo", "config-f") for b in plan.batches)
