@@ -1,8 +1,9 @@
 """Loaded models kept on the worker's device, least recently used evicted first, within a memory budget.
 
 A toon job needs the base generator (with its encoder and perceptual loss) and one toon generator per style;
-blends are derived from the two and cached inside each :class:`~gan.pipeline.Toonifier`. Loading a checkpoint
-costs seconds, so everything stays loaded until the budget says otherwise.
+blends are derived from the two and cached inside each :class:`~gan.pipeline.Toonifier`. An instant toon job
+needs the style's student network for its blend (:meth:`ModelCache.student`). Loading a checkpoint costs
+seconds, so everything stays loaded until the budget says otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +23,9 @@ from gan.encoder import load_encoder
 from gan.networks import Generator
 from gan.perceptual import build_perceptual_loss
 from gan.pipeline import Toonifier
+
+if TYPE_CHECKING:
+    from gan.distill import Student, StudentLineage
 
 
 def module_bytes(*modules: torch.nn.Module | None) -> int:
@@ -105,3 +110,20 @@ class ModelCache:
             return tf, module_bytes(toon) * (1 + 2)  # the toon generator and up to two cached blends
 
         return self._get(("toonifier", models, str(toon_path)), load)
+
+    def student(self, path: Path, lineage: StudentLineage, device: str | torch.device | None = None) -> Student:
+        """The student network at ``path``, checked against ``lineage`` (the style's base and toon generators
+        and the blend): a student made for anything else raises StudentMismatchError and is not kept. A file
+        rewritten in place (a newer distillation of the same blend) is loaded again."""
+        from gan.distill import blend_key, load_student
+
+        device = torch.device(device) if device is not None else self.device
+        path = Path(path)
+        version = path.stat().st_mtime_ns  # FileNotFoundError for a file that is gone
+
+        def load():
+            st = load_student(path, lineage=lineage, device=device)
+            return st, module_bytes(st)
+
+        made_for = (lineage.base_hash, lineage.toon_hash, blend_key(lineage.spec))
+        return self._get(("student", str(path), version, made_for, str(device)), load)

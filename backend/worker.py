@@ -1,5 +1,8 @@
 """The GPU worker: arq job functions for the ``toon`` and ``finetune`` queues, on top of the job ledger.
 
+The ``toon`` queue runs toons, re-blends and poll previews; the ``finetune`` queue the long training jobs:
+fine-tunes (backend.finetune) and distillations of instant models (backend.distill).
+
 arq delivers a job at least once, so every function starts from the SQL row: a finished row is left alone,
 a queued one is claimed (conditional UPDATE), and results are content-addressed blobs written before the row
 says ``done``. On start-up the worker hands back rows left ``running`` by a worker that no longer sends
@@ -21,7 +24,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,10 +38,11 @@ from safetensors.torch import save as st_save
 from backend import ledger, metrics
 from backend.batching import ProjectionBatcher
 from backend.config import Settings
-from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, StyleModel, utcnow
+from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, Student, StyleModel, utcnow
+from backend.distill import run_distill
 from backend.errors import BadInputError, JobCancelledError, UnavailableError
 from backend.finetune import run_finetune
-from backend.jobs import PreviewParams, ToonParams, ToonResult
+from backend.jobs import PreviewParams, ToonParams, ToonResult, queue_of
 from backend.keys import QUEUE_NAMES, STATS_KEY
 from backend.ledger import enqueue, store_blob
 from backend.logs import JOB_ID
@@ -47,10 +50,13 @@ from backend.model_cache import ModelCache
 from backend.progress import JobProgress, ProgressEvent, publish
 from backend.redis import REDIS_DOWN, redis_settings
 from backend.runtime import Runtime, describe_redis, open_runtime
+from backend.service.students import blend_words, ready_student, stored_path
 from backend.worker_state import WorkerState, reconcile
 from gan.align import FaceTooSmallError, NoFaceError
+from gan.blending import BlendSpec
 from gan.encoder import generator_hash
 from gan.imageio import BadImageError, decode_image
+from gan.pipeline import Toonifier
 from gan.projection import ProjectionCancelledError
 
 log = logging.getLogger("toonify.worker")
@@ -82,8 +88,18 @@ async def toon_job(ctx: dict, job_id: str) -> str:
 
 
 async def finetune_job(ctx: dict, job_id: str) -> str:
-    """arq entry point for ``finetune`` jobs (see backend.finetune)."""
-    return await _run(ctx["toonify"], job_id, run_finetune)
+    """arq entry point for the ``finetune`` queue: fine-tunes (backend.finetune) and distillations
+    (backend.distill), told apart by the job row's kind."""
+    return await _run(ctx["toonify"], job_id, _finetune_or_distill)
+
+
+async def distill_job(ctx: dict, job_id: str) -> str:
+    """A distillation job by itself (the queue's entry point is finetune_job, which dispatches here too)."""
+    return await _run(ctx["toonify"], job_id, run_distill)
+
+
+async def _finetune_or_distill(w: WorkerState, job: Job) -> dict[str, Any]:
+    return await (run_distill(w, job) if job.kind == JobKind.DISTILL else run_finetune(w, job))
 
 
 async def maintenance(ctx: dict) -> dict[str, int]:
@@ -160,7 +176,7 @@ async def _run_claimed(w: WorkerState, job: Job, body) -> str:
         await ledger.finish(rt, job, JobStatus.FAILED, error=f"failed after {job.attempts} attempts: {e}")
         return JobStatus.FAILED.value
     await ledger.finish(rt, job, JobStatus.DONE, result=result)
-    if job.kind != JobKind.FINETUNE:
+    if queue_of(job.kind) == "toon":  # the wait estimate is for toon jobs
         with contextlib.suppress(*REDIS_DOWN):
             await _record_duration(rt, time.perf_counter() - t0)
     return JobStatus.DONE.value
@@ -199,11 +215,11 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
         raise BadInputError("the photo for this job has expired or was deleted; send it again")
     if style is None:
         raise BadInputError("this style no longer exists")
+    if p.mode == "instant":
+        release()  # no projection: a pass need not wait for this job
     await w.check_cancel(job.id)
     progress("load", 0, 1, "loading models")
-    toon_path = Path(style.checkpoint_path)
-    if not toon_path.is_absolute():
-        toon_path = rt.settings.data_dir / toon_path
+    toon_path = stored_path(rt.settings.data_dir, style.checkpoint_path)
     tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
     data = await asyncio.to_thread(rt.blobs.read, blob.sha256)
 
@@ -217,31 +233,11 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
     progress("align", 1, 1, f"{len(aligned)} face(s)")
     await w.check_cancel(job.id)
 
-    mode = p.mode
-    base_hash = generator_hash(tf.base)
-    latents = await _cached_latents(rt, job.user_id, blob.sha256, base_hash, mode, len(aligned))
-    if latents is None:
-        from gan.pipeline import to_tensor
-
-        crops = await w.batcher.call(to_tensor, [a.image for a in aligned], "cpu")
-        release()
-        try:
-            latents = await w.batcher.project(
-                tf,
-                crops,
-                mode,
-                seeds=face_seeds(len(aligned)),
-                progress=lambda step, total: progress("project", step, total),
-                cancelled=w.cancel_event(job.id),
-            )
-        except ProjectionCancelledError as e:
-            raise JobCancelledError(str(e)) from e
-        await _store_latents(rt, job.user_id, blob.sha256, base_hash, mode, latents)
-    await w.check_cancel(job.id)
-
-    progress("render", 0, 1, "drawing the toon")
-    spec = p.blend(style.default_blend)
-    toon_crops = await w.batcher.call(tf.render, latents, spec)
+    mode, spec = p.mode, p.blend(style.default_blend)
+    if mode == "instant":
+        toon_crops = await _instant(w, job, tf, style, spec, [a.image for a in aligned])
+    else:
+        toon_crops = await _projected(w, job, tf, blob.sha256, spec, [a.image for a in aligned], release)
     await w.check_cancel(job.id)
     progress("paste", 0, 1, "pasting back")
     composite = await w.batcher.call(tf.composite, image, aligned, toon_crops)
@@ -257,7 +253,94 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
         style=style.name,
         spec=spec,
         image_sha256=blob.sha256,
+        mode=mode,
     ).to_json()
+
+
+async def _projected(
+    w: WorkerState,
+    job: Job,
+    tf: Toonifier,
+    sha: str,
+    spec: BlendSpec,
+    faces: list[Image.Image],
+    release: Callable[[], None],
+) -> list[Image.Image]:
+    """Project the faces (or reuse the latents cached for this photo and mode), then render them at ``spec``."""
+    rt, mode, progress = w.rt, ToonParams.from_json(job.params).mode, w.progress[job.id]
+    base_hash = generator_hash(tf.base)
+    latents = await _cached_latents(rt, job.user_id, sha, base_hash, mode, len(faces))
+    if latents is None:
+        from gan.pipeline import to_tensor
+
+        crops = await w.batcher.call(to_tensor, faces, "cpu")
+        release()
+        try:
+            latents = await w.batcher.project(
+                tf,
+                crops,
+                mode,
+                seeds=face_seeds(len(faces)),
+                progress=lambda step, total: progress("project", step, total),
+                cancelled=w.cancel_event(job.id),
+            )
+        except ProjectionCancelledError as e:
+            raise JobCancelledError(str(e)) from e
+        await _store_latents(rt, job.user_id, sha, base_hash, mode, latents)
+    await w.check_cancel(job.id)
+    progress("render", 0, 1, "drawing the toon")
+    return await w.batcher.call(tf.render, latents, spec)
+
+
+async def _instant(
+    w: WorkerState, job: Job, tf: Toonifier, style: StyleModel, spec: BlendSpec, faces: list[Image.Image]
+) -> list[Image.Image]:
+    """The faces through the style's student for ``spec``: one forward pass, no latents (nothing cached).
+
+    The student is checked against the style's models and blend. One made for others fails the job with the
+    reason, and its row is marked stale, so requests without a mode go back to projection instead of failing
+    the same way again."""
+    from gan.checkpoints import CheckpointError
+    from gan.distill import StudentMismatchError, read_student_lineage, student_lineage
+    from gan.pipeline import to_tensor
+
+    rt = w.rt
+    what = f"the instant model of style {style.name!r} for {blend_words(spec)}"
+    async with rt.sessions() as s:
+        row = await ready_student(s, rt.settings.data_dir, style.id, spec)
+    if row is None:
+        raise BadInputError(f"{what} is gone; send the photo again (it will be projected) or ask for balanced")
+    path = stored_path(rt.settings.data_dir, row.path)
+    expected = student_lineage(tf.base, tf.toon, spec)
+    try:
+        student = await w.batcher.call(w.models.student, path, expected)
+    except StudentMismatchError as e:
+        found = await asyncio.to_thread(read_student_lineage, path)
+        log.warning("job %s: %s", job.id, e)
+        await _mark_student(rt, row.id, "stale")
+        raise BadInputError(
+            f"{what} was distilled for {found.mismatch(expected)}: it no longer fits the style. Ask for balanced "
+            "mode, or an admin can /distill it again"
+        ) from e
+    except (CheckpointError, FileNotFoundError) as e:
+        log.warning("job %s: %s", job.id, e)
+        await _mark_student(rt, row.id, "broken")
+        raise BadInputError(f"{what} cannot be read; ask for balanced mode, or an admin can /distill it again") from e
+    await w.check_cancel(job.id)
+    w.progress[job.id]("render", 0, 1, "drawing the toon (instant)")
+
+    def run() -> list[Image.Image]:
+        if tf.student_for(spec) is not student:
+            tf.add_student(student)
+        return tf.instant(to_tensor(faces, tf.device), spec)
+
+    return await w.batcher.call(run)
+
+
+async def _mark_student(rt: Runtime, student_id: int, status: str) -> None:
+    async with rt.sessions() as s:
+        await s.execute(sa.update(Student).where(Student.id == student_id).values(status=status))
+        await s.commit()
 
 
 async def _toon_or_preview(w: WorkerState, job: Job) -> dict[str, Any]:
@@ -278,7 +361,7 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
         style = await s.get(StyleModel, p.style_id)
     if style is None:
         raise BadInputError("this style no longer exists")
-    toon_path = Path(style.checkpoint_path)
+    toon_path = stored_path(rt.settings.data_dir, style.checkpoint_path)
     tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
 
     def probe_ws() -> torch.Tensor:
@@ -546,6 +629,7 @@ __all__ = [
     "QueueSupervisor",
     "RedisLostError",
     "WorkerState",
+    "distill_job",
     "enqueue",
     "face_seeds",
     "make_workers",

@@ -64,13 +64,7 @@ async def distill_jobs(svc: ToonService) -> list[Job]:
 
 
 @pytest.mark.asyncio
-async def test_automatic_mode_is_instant_exactly_where_a_student_exists(
-    tmp_path,
-    redis_url,
-    redis,
-    db_url,
-    tiny_student,  # noqa: F811
-):
+async def test_automatic_mode_picks_instant_where_a_student_is(tmp_path, redis_url, redis, db_url, tiny_student):  # noqa: F811
     svc = await ToonService.open(settings(tmp_path, redis_url, db_url))
     member = actor(1)
     try:
