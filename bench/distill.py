@@ -150,14 +150,22 @@ def d_feature_metric(base_path: Path, device: torch.device) -> DiscriminatorFeat
 # The three paths from aligned crops to toon crops
 
 
-def free_bytes(device: torch.device) -> int:
-    """Free memory for a projection pass: the GPU's, or the host's MemAvailable (Linux) on CPU."""
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory for a projection pass: the GPU's, or the host's MemAvailable (Linux) on CPU; None unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo: pass --pass-faces")
+    meminfo = Path("/proc/meminfo")
+    lines = meminfo.read_text().splitlines() if meminfo.exists() else []
+    return next((int(ln.split()[1]) * 1024 for ln in lines if ln.startswith("MemAvailable:")), None)
+
+
+def pass_size(tf: Toonifier, batch: int, plan: Plan) -> int:
+    """Faces in one balanced projection pass, as the worker sends them: at most ``plan.pass_faces`` and no more
+    than the free memory holds (``gan.projection.faces_per_pass``)."""
+    free, cap = free_bytes(tf.device), plan.pass_faces
+    if free is not None:
+        cap = faces_per_pass(free, tf.base.config, steps=MODES["balanced"].steps, max_faces=cap)
+    return min(batch, cap)
 
 
 def render_latents(G: Generator, latents: Tensor) -> Tensor:
@@ -253,11 +261,7 @@ def bench_speed(
         rows.append({**base, "path": "student", "s_per_face": s / batch, "faces_s": batch / s})
         print_row(rows[-1])
 
-        # Projection keeps a graph per face: a batch goes in passes, as the worker sends them (at most
-        # plan.pass_faces, and no more than the free memory holds); the row costs one pass of the full size.
-        pass_faces = min(
-            batch, faces_per_pass(free_bytes(device), tf.base.config, steps=steps, max_faces=plan.pass_faces)
-        )
+        pass_faces = pass_size(tf, batch, plan)  # projection keeps a graph per face: big batches go in passes
         tf.modes["balanced"] = replace(settings, steps=min(steps, timed_steps))
         try:
             tf.project(crops[:1], "balanced", seeds=[0])  # warm-up (kernels, allocator) outside the row
