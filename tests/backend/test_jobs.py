@@ -14,6 +14,7 @@ from backend import keys, ledger, runtime
 from backend.db.models import JobKind
 from backend.jobs import (
     DEFAULT_BLEND,
+    DistillParams,
     FinetuneParams,
     FinetuneResult,
     PreviewParams,
@@ -79,7 +80,10 @@ def test_kinds_and_queues() -> None:
     assert isinstance(params_from_json(JobKind.REBLEND, OLD_REBLEND), ToonParams)
     assert isinstance(params_from_json(JobKind.PREVIEW, OLD_PREVIEW), PreviewParams)
     assert isinstance(params_from_json(JobKind.FINETUNE, OLD_FINETUNE), FinetuneParams)
-    assert [queue_of(k) for k in JobKind] == ["finetune" if k == JobKind.FINETUNE else "toon" for k in JobKind]
+    assert isinstance(params_from_json(JobKind.DISTILL, {"style_id": 1, "spec": {"mode": "swap", "resolution": 16},
+                                                         "kimg": 2}), DistillParams)  # fmt: skip
+    long_kinds = (JobKind.FINETUNE, JobKind.DISTILL)  # training runs on its own queue
+    assert [queue_of(k) for k in JobKind] == ["finetune" if k in long_kinds else "toon" for k in JobKind]
 
 
 def test_redis_names_are_the_deployed_ones_and_still_importable_from_their_old_homes() -> None:
