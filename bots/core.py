@@ -204,8 +204,8 @@ class CommandCore:
         data = await self._download(cmd, conv)
         if data is None:
             return
-        chosen = {"mode": mode} if mode else {}  # no mode named: the service picks (instant where a student exists)
-        ticket = await self.service.submit_toon(cmd.actor, cmd.place, data, style=style, blend=blend, **chosen)
+        # No mode named (None): the service picks, instant where the style has a student for the blend.
+        ticket = await self.service.submit_toon(cmd.actor, cmd.place, data, style=style, blend=blend, mode=mode)
         note = t("already", cmd.locale) if ticket.duplicate else None
         await self.follow(ticket.job_id, conv, cmd.locale, note=note)
 
@@ -286,7 +286,7 @@ class CommandCore:
         name = cmd.options.get("name") or (cmd.args[0] if cmd.args else "")
         info = await self.service.publish_style(cmd.actor, cmd.place, name)
         await conv.send(Reply(t("published", cmd.locale, name=info.name)))
-        await self._follow_distill(getattr(info, "distill_job_id", None), conv, cmd.locale)
+        await self._follow_distill(info.distill_job_id, conv, cmd.locale)
 
     async def _poll(self, cmd: Command, conv: Conversation) -> None:
         if not cmd.args or cmd.args[0].lower() != "close":
@@ -298,7 +298,7 @@ class CommandCore:
             return
         closed = await self.service.close_poll(cmd.actor, cmd.place, info.poll_id)
         await conv.send(self._poll_reply(closed, cmd.locale))
-        await self._follow_distill(getattr(closed, "distill_job_id", None), conv, cmd.locale)
+        await self._follow_distill(closed.distill_job_id, conv, cmd.locale)
 
     async def _follow_distill(self, job_id: str | None, conv: Conversation, locale: str) -> None:
         """A publish or a poll's new default blend queued the training of an instant model: show it like /distill."""
@@ -463,8 +463,7 @@ class CommandCore:
     def _result_reply(self, out, locale: str, images: list[tuple[str, bytes]]) -> Reply:
         blend = out.spec.get("resolution", "?")
         key = "done" if out.faces <= 1 else "done_faces"
-        mode = getattr(out, "mode", None)  # named only where it tells something: the instant model made it
-        how = t("mode_instant", locale) if mode == "instant" else ""
+        how = t("mode_instant", locale) if out.mode == "instant" else ""  # named where it tells something
         text = t(key, locale, style=out.style, blend=blend, faces=out.faces, how=how)
         if out.too_small:
             text += t("too_small_note", locale, n=out.too_small)
