@@ -138,6 +138,32 @@ async def test_admin_distills_then_toons_at_that_blend_are_instant(start_telegra
 
 
 @pytest.mark.asyncio
+async def test_a_poll_that_picks_a_new_default_blend_trains_its_instant_model(start_telegram, monkeypatch):
+    from backend.service import students
+
+    monkeypatch.setattr(students, "default_distill_kimg", lambda: TINY_KIMG)
+    fake, service = await start_telegram()
+    group = -100701
+    fake.set_admins(group, [ADA], title="Poll club")
+    async with running_worker(service, BOTH_QUEUES):
+        fake.send_user_message(group, ADA, "/blend vote 8 16", chat_type="supergroup")
+        poll = await fake.wait_for(
+            lambda _: next((m for m in fake.sent_messages(group) if m.photo and m.buttons), None), timeout=120
+        )
+        fake.press_button(group, ALICE, poll.message_id, poll.buttons[0][1])  # blend 8, not the default 16
+        await said(fake, group, "Votes: 1: 1")
+        fake.send_user_message(group, ADA, "/poll close", chat_type="supergroup")
+        await said(fake, group, "Winner: 1")
+        await said(fake, group, "Training an instant model for it now")
+        await said(fake, group, "has an instant model for blend 8", timeout=300)
+        (job,) = await distill_jobs(service)
+        assert job.params["reason"] == "poll" and job.params["spec"]["resolution"] == 8
+
+        fake.send_user_message(group, BOB, photo=astronaut(66), caption="/toon", chat_type="supergroup")
+        await said(fake, group, "blend 8, instant)", timeout=120)  # the community's new default, instant
+
+
+@pytest.mark.asyncio
 async def test_discord_distill_options_rights_and_instant_mode_choice(tmp_path, redis_url, redis):  # noqa: F811
     grace = {"TOONIFY_SHUTDOWN_GRACE_S": "2"}  # the distill job below waits (no worker): the bot stops anyway
     async with discord_stack(tmp_path, redis_url, grace) as stack:
