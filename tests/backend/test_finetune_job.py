@@ -73,7 +73,8 @@ async def test_finetune_job_trains_a_draft_that_can_be_published_and_used(tmp_pa
             assert meta["training"]["steps"] == 8 and meta["training"]["dataset"]["kept"] == 10
 
             info = await svc.publish_style(admin, GUILD, "mystyle")
-            assert info.status == "published"
+            assert info.status == "published" and info.distill_job_id is not None  # its instant model is queued
+            assert await svc.cancel(admin, info.distill_job_id)  # (hours of training: not in this test)
             toon = await svc.submit_toon(member, GUILD, astronaut(), style="mystyle", mode="fast")
             events = await events_until_done(svc, toon.job_id, timeout_s=240)
             assert events[-1].status == "done", events[-1]
