@@ -84,7 +84,7 @@ class JobCommands(Concern):
         if mode == "instant":
             raise BadInputError(
                 f"the style {style.name!r} has no instant model for {blend_words(spec)} yet; "
-                "leave out 'instant' to have it projected, or ask an admin to /distill it"
+                "leave out 'instant' to have it projected, or have one made (/distill, or `toonify distill`)"
             )
         return "balanced"
 

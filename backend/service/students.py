@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend import ledger
-from backend.db.models import JobKind, Student, StyleModel
+from backend.db.models import Job, JobKind, JobStatus, Student, StyleModel
 from backend.jobs import DistillParams, blend_key
 from backend.ledger import CreatedJob, NewJob
 from backend.runtime import Runtime
@@ -74,11 +74,17 @@ async def queue_distill(
     kimg: float | None = None,
     reason: str = "admin",
 ) -> CreatedJob:
-    """Create (or find, while it is queued, running or done) the job distilling ``style`` at ``spec``."""
+    """Create (or find, while it is queued or running, or done with its student still ready) the job distilling
+    ``style`` at ``spec``."""
     kimg = default_distill_kimg() if kimg is None else float(kimg)
     params = DistillParams(style_id=style.id, style=style.name, spec=spec, kimg=kimg, reason=reason)
-    new = NewJob(distill_key(style, spec, kimg), JobKind.DISTILL, user_id, community_id, params)
-    return await ledger.create_job(rt, new)
+    key = distill_key(style, spec, kimg)
+    async with rt.sessions() as s:
+        done = await s.scalar(sa.select(Job).where(Job.key == key, Job.status == JobStatus.DONE))
+        if done is not None and await ready_student(s, rt.settings.data_dir, style.id, spec) is None:
+            done.key = f"{key[:80]}:retired:{done.id}"  # what it made is gone or went stale: it may run again
+            await s.commit()
+    return await ledger.create_job(rt, NewJob(key, JobKind.DISTILL, user_id, community_id, params))
 
 
 async def auto_distill(

@@ -111,12 +111,24 @@ async def test_distill_then_instant_toons_match_the_library(tmp_path, redis_url,
             async with svc.rt.sessions() as s:
                 assert await s.scalar(sa.select(sa.func.count()).select_from(CachedLatent)) == 0  # no latents
                 toon_path = await s.scalar(sa.select(StyleModel.checkpoint_path).where(StyleModel.name == "demo"))
+            used = load_student(path)
+
+            same = await svc.start_distill(admin, GUILD, kimg=ONE_STEP_KIMG)  # made, and its student is ready
+            assert same.duplicate and same.job_id == ticket.job_id
+            async with svc.rt.sessions() as s:  # the student went stale (say its style's model changed)
+                await s.execute(sa.update(Student).values(status="stale"))
+                await s.commit()
+            again = await svc.start_distill(admin, GUILD, kimg=ONE_STEP_KIMG)  # so the same request runs again
+            assert not again.duplicate and again.job_id != ticket.job_id
+            assert (await events_until_done(svc, again.job_id))[-1].status == "done"
+            [row] = await students(svc)
+            assert (row.status, row.job_id, row.path) == ("ready", again.job_id, str(path))
     finally:
         await svc.close()
 
     # ... and what the library computes for the same photo, style, blend and student
     tf = ModelCache("cpu").toonifier(base_models_from_manifest(DEMO_DIR), Path(toon_path))
-    tf.add_student(load_student(path))
+    tf.add_student(used)
     with Image.open(FIXTURE) as photo:
         lib = tf.toonify(photo.convert("RGB"), mode="instant", spec=DEMO_BLEND)
     assert lib.latents is None
