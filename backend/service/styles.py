@@ -194,9 +194,10 @@ class StyleCommands(Concern):
         return JobTicket(created.job_id, created.status.value, duplicate=created.duplicate)
 
     async def publish_style(self, actor: Actor, place: Place | None, name: str) -> StyleInfo:
-        """Admins: a draft style of this community becomes available to its members."""
+        """Admins: a draft style of this community becomes available to its members, and the training of its
+        instant model for the blend the community gets is queued (``distill_job_id``; None when one exists)."""
         async with self.rt.sessions() as s:
-            _, comm = await require_admin(s, actor, place)
+            user, comm = await require_admin(s, actor, place)
             st = await s.scalar(
                 sa.select(StyleModel).where(StyleModel.name == name.strip().lower(), StyleModel.community_id == comm.id)
             )
@@ -205,7 +206,6 @@ class StyleCommands(Concern):
             if st.status != StyleStatus.DRAFT:
                 raise ConflictError(f"{name!r} is {st.status.value}; only a finished draft can be published")
             st.status = StyleStatus.PUBLISHED
-            user = await get_user(s, actor)
             spec = await default_spec(s, st, comm)
             await s.commit()
             info, ids = _info(st), (st.id, user.id, comm.id)
@@ -222,7 +222,8 @@ class StyleCommands(Concern):
         kimg: float | None = None,
     ) -> JobTicket:
         """Admins: queue the training of ``style``'s instant model for ``blend`` (default: the blend this
-        community gets now). The same style, blend and length while it is queued, running or done is one job."""
+        community gets now). The same style, blend and length is one job while it is queued or running, or done
+        with its student still ready."""
         if kimg is not None and not kimg > 0:
             raise BadInputError(f"kimg must be a positive number of thousands of images, not {kimg!r}")
         spec = parse_blend(blend)
