@@ -148,8 +148,8 @@ class Student(nn.Module):
         self,
         *,
         resolution: int = 64,
-        channels: int = 32,
-        max_channels: int = 256,
+        channels: int = 16,
+        max_channels: int = 128,
         depth: int | None = None,
         res_blocks: int = 4,
     ) -> None:
@@ -245,8 +245,10 @@ def _chance(n: int, p: float, g: torch.Generator) -> Tensor:
 
 
 def affine_pair(photo: Tensor, toon: Tensor, g: torch.Generator, p: float = 0.5) -> tuple[Tensor, Tensor]:
-    """The same small rotation/scale/shift on input and target: alignment of a real photo is never exact."""
+    """The same mirror and small rotation/scale/shift on input and target: alignment of a real photo is never exact."""
     n = photo.shape[0]
+    flip = _chance(n, 0.5, g).to(photo.device).view(n, 1, 1, 1)
+    photo, toon = torch.where(flip, photo.flip(3), photo), torch.where(flip, toon.flip(3), toon)
     angle = torch.deg2rad(_uniform(n, -4, 4, g)) * _chance(n, p, g)
     scale = 1 + _uniform(n, -0.05, 0.05, g) * (angle != 0)
     shift = _uniform(2 * n, -0.04, 0.04, g).view(n, 2) * (angle != 0)[:, None]
@@ -278,10 +280,14 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
     return (torch.from_numpy(back.copy()).permute(2, 0, 1).to(x) / 127.5) - 1
 
 
-def augment_photo(x: Tensor, g: torch.Generator) -> Tensor:
-    """Make generated faces look like aligned real photos: colour, blur, sensor noise, JPEG, cluttered backgrounds."""
+def augment_photo(x: Tensor, g: torch.Generator, p: float = 1.0) -> Tensor:
+    """Make generated faces look like aligned real photos: colour, blur, sensor noise, JPEG, cluttered backgrounds.
+
+    Each sample is touched with probability ``p`` (the rest stay clean, so the student still learns the exact
+    mapping)."""
     n, _, h, w = x.shape
     dev = x.device
+    keep, original = ~_chance(n, p, g), x.clone()
     # colour: brightness, contrast, saturation per sample
     bright = (_uniform(n, -0.12, 0.12, g) * _chance(n, 0.8, g)).to(dev).view(n, 1, 1, 1)
     contrast = (1 + _uniform(n, -0.2, 0.2, g) * _chance(n, 0.8, g)).to(dev).view(n, 1, 1, 1)
@@ -312,7 +318,7 @@ def augment_photo(x: Tensor, g: torch.Generator) -> Tensor:
     # JPEG at a random quality
     for i in torch.nonzero(_chance(n, 0.3, g)).flatten().tolist():
         x[i] = _jpeg(x[i], int(torch.randint(30, 91, (1,), generator=g)))
-    return x
+    return torch.where(keep.to(dev).view(n, 1, 1, 1), original, x)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -322,18 +328,19 @@ def augment_photo(x: Tensor, g: torch.Generator) -> Tensor:
 class DistillConfig:
     kimg: float = 60.0  # training length in thousands of pairs
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     seed: int = 0
     truncation: tuple[float, float] = (0.5, 1.0)
     mixing: float = 0.5  # share of pairs with style mixing
     augment: bool = True
+    augment_p: float = 0.5  # share of inputs made photo-like; the rest stay clean
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
     adv_weight: float = 0.0  # >0: a conditional patch discriminator joins in
     ema_kimg: float = 0.5  # half-life of the EMA weights, in thousands of pairs
     snapshot_kimg: float = 4.0
-    channels: int = 32
-    max_channels: int = 256
+    channels: int = 16  # measured on the demo: 16 learns faster per step than 32, at a third of the cost
+    max_channels: int = 128
     res_blocks: int = 4
     depth: int | None = None
     bf16: bool = True  # on CUDA only
@@ -491,7 +498,7 @@ def train_student(
                                        mixing=config.mixing)  # fmt: skip
             photo, target = affine_pair(photo, target, st.g)
             if config.augment:
-                photo = augment_photo(photo, st.g)
+                photo = augment_photo(photo, st.g, config.augment_p)
             for group in st.opt.param_groups:
                 group["lr"] = lr_at(st.step)
             with autocast:
