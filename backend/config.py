@@ -54,6 +54,7 @@ class Settings:
     delivery_lease_s: float = 60.0  # a dead bot process's unfinished deliveries are taken over after this long
     db_connect_timeout_s: float = 5.0  # a database connection not made in this time: UnavailableError
     db_statement_timeout_s: float = 10.0  # a statement unanswered this long (SQLite: a lock held): UnavailableError
+    distill_kimg: float = 60.0  # length of the instant-model trainings the service queues (gan.distill's default)
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -98,6 +99,7 @@ class Settings:
             delivery_lease_s=_get(env, "TOONIFY_DELIVERY_LEASE_S", _positive_float, 60.0),
             db_connect_timeout_s=_get(env, "TOONIFY_DB_CONNECT_TIMEOUT_S", _positive_float, 5.0),
             db_statement_timeout_s=_get(env, "TOONIFY_DB_STATEMENT_TIMEOUT_S", _positive_float, 10.0),
+            distill_kimg=_get(env, "TOONIFY_DISTILL_KIMG", _positive_kimg, 60.0),
         )
 
 
@@ -127,6 +129,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not 0 < value < float("inf"):
         raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _positive_kimg(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a positive number of thousands of images")
     return value
 
 

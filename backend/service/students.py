@@ -26,13 +26,6 @@ log = logging.getLogger("toonify.service")
 READY = "ready"
 
 
-def default_distill_kimg() -> float:
-    """How long a distillation trains when nobody says (gan.distill's default recipe), in thousands of images."""
-    from gan.distill import DistillConfig
-
-    return float(DistillConfig().kimg)
-
-
 def blend_words(spec: BlendSpec) -> str:
     """A blend as a person typed it: ``blend 16`` for the ``/blend N`` swaps, else the recipe described."""
     if spec == BlendSpec(mode="swap", resolution=spec.resolution, structure_from="toon"):
@@ -76,7 +69,7 @@ async def queue_distill(
 ) -> CreatedJob:
     """Create (or find, while it is queued or running, or done with its student still ready) the job distilling
     ``style`` at ``spec``."""
-    kimg = default_distill_kimg() if kimg is None else float(kimg)
+    kimg = rt.settings.distill_kimg if kimg is None else float(kimg)  # TOONIFY_DISTILL_KIMG
     params = DistillParams(style_id=style.id, style=style.name, spec=spec, kimg=kimg, reason=reason)
     key = distill_key(style, spec, kimg)
     async with rt.sessions() as s:

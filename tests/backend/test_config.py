@@ -23,6 +23,9 @@ def test_defaults_need_no_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (s.job_timeout_s, s.toon_max_jobs, s.finetune_max_jobs) == (600, 8, 1)
     assert (s.shutdown_grace_s, s.redis_retry_s) == (30, 60)
     assert (s.db_connect_timeout_s, s.db_statement_timeout_s) == (5.0, 10.0)
+    from gan.distill import DistillConfig
+
+    assert s.distill_kimg == DistillConfig().kimg  # the service queues gan.distill's own default length
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -47,6 +50,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         "TOONIFY_DB_CONNECT_TIMEOUT_S": "1.5",
         "TOONIFY_DB_STATEMENT_TIMEOUT_S": "2",
         "TOONIFY_DELIVERY_LEASE_S": "3.5",
+        "TOONIFY_DISTILL_KIMG": "0.5",
     }
     s = Settings.from_env(env)
     assert s.data_dir == tmp_path / "d"
@@ -60,6 +64,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert s.models_dir == tmp_path / "models"
     assert (s.shutdown_grace_s, s.redis_retry_s) == (0, 9)
     assert (s.db_connect_timeout_s, s.db_statement_timeout_s) == (1.5, 2.0)
+    assert s.distill_kimg == 0.5
     assert s.delivery_lease_s == 3.5
 
 
@@ -85,6 +90,7 @@ def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
         ("TOONIFY_REDIS_RETRY_S", "0"),
         ("TOONIFY_DB_CONNECT_TIMEOUT_S", "0"),
         ("TOONIFY_DB_STATEMENT_TIMEOUT_S", "nan"),
+        ("TOONIFY_DISTILL_KIMG", "0"),
         ("TOONIFY_DELIVERY_LEASE_S", "0"),
     ],
 )

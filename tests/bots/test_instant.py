@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,10 +114,8 @@ async def test_distill_is_for_admins_and_says_so(start_telegram):
 
 @pytest.mark.asyncio
 async def test_admin_distills_then_toons_at_that_blend_are_instant(start_telegram, monkeypatch):
-    from backend.service import students
-
-    monkeypatch.setattr(students, "default_distill_kimg", lambda: TINY_KIMG)  # a test-sized training run
     fake, service = await start_telegram()
+    monkeypatch.setattr(service.rt, "settings", replace(service.rt.settings, distill_kimg=TINY_KIMG))  # test-sized
     group = -100601
     fake.set_admins(group, [ADA], title="Instant club")
     async with running_worker(service, BOTH_QUEUES):
@@ -139,10 +138,8 @@ async def test_admin_distills_then_toons_at_that_blend_are_instant(start_telegra
 
 @pytest.mark.asyncio
 async def test_a_poll_that_picks_a_new_default_blend_trains_its_instant_model(start_telegram, monkeypatch):
-    from backend.service import students
-
-    monkeypatch.setattr(students, "default_distill_kimg", lambda: TINY_KIMG)
     fake, service = await start_telegram()
+    monkeypatch.setattr(service.rt, "settings", replace(service.rt.settings, distill_kimg=TINY_KIMG))
     group = -100701
     fake.set_admins(group, [ADA], title="Poll club")
     async with running_worker(service, BOTH_QUEUES):
