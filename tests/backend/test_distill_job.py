@@ -223,3 +223,33 @@ async def test_sigterm_hands_a_distillation_back_and_the_next_worker_resumes_it(
     finally:
         stop(first, second)
         await svc.close()
+
+
+@pytest.mark.asyncio
+async def test_sigkill_mid_distillation_loses_nothing(tmp_path, redis_url, redis):  # noqa: F811
+    """A worker killed outright (no hand-back, no snapshot on the way out): its heartbeat expires, the next worker
+    reconciles the row back to the queue and trains the student to the end."""
+    env = env_for(tmp_path, redis_url)
+    svc = await ToonService.open(Settings.from_env(env))
+    admin, first, second = actor(1, admin=True), None, None
+    try:
+        first = start_worker(env, tmp_path / "first.log")
+        ticket = await svc.start_distill(admin, GUILD, "demo", 32, kimg=8 * ONE_STEP_KIMG)  # 8 steps
+        await first_distill_step(svc, ticket.job_id, at_least=2)
+        first.send_signal(signal.SIGKILL)
+        assert await asyncio.to_thread(first.wait, 60) == -signal.SIGKILL
+        assert (await job_row(svc, ticket.job_id)).status == JobStatus.RUNNING  # nobody has noticed yet
+
+        second = start_worker(env, tmp_path / "second.log")
+        events = await events_until_done(svc, ticket.job_id, timeout_s=300)
+        assert events[-1].status == "done", (events[-1], (tmp_path / "second.log").read_text()[-3000:])
+        row = await job_row(svc, ticket.job_id)
+        assert row.status == JobStatus.DONE and row.attempts == 2
+        [student] = await students(svc)
+        assert (student.blend_key, student.job_id, student.status) == (blend_key(SWAP32), ticket.job_id, "ready")
+        assert load_student(tmp_path / "data" / student.path if not Path(student.path).is_absolute() else student.path)
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, 60) == 0
+    finally:
+        stop(first, second)
+        await svc.close()
