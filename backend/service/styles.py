@@ -212,6 +212,35 @@ class StyleCommands(Concern):
         job_id = await auto_distill(self.rt, ids[0], spec, user_id=ids[1], community_id=ids[2], reason="publish")
         return replace(info, distill_job_id=job_id)
 
+    async def set_default_blend(
+        self, actor: Actor, place: Place | None, style: str | None, blend: int | str | BlendSpec
+    ) -> StyleInfo:
+        """Admins: ``blend`` becomes the blend this community gets for ``style``, as a closed poll's winner does
+        (the web studio's "publish this blend"). When that changes the blend, the training of its instant model
+        is queued (``distill_job_id``; None when nothing was queued). ``default_blend`` is the new blend."""
+        spec = parse_blend(blend)
+        if spec is None:
+            raise BadInputError("name the blend to publish, such as 16 or a blend description")
+        async with self.rt.sessions() as s:
+            user, comm = await require_admin(s, actor, place)
+            st = await resolve_style(s, self.rt.models_dir, style, comm, drafts=True)
+            before = await default_spec(s, st, comm)
+            chosen = Blend(style_id=st.id, community_id=comm.id, spec=spec.to_json(), created_by=user.id)
+            chosen.label = f"chosen: {spec.describe()}"[:64]
+            s.add(chosen)
+            await s.flush()
+            await s.execute(
+                sa.update(Blend)
+                .where(Blend.style_id == st.id, Blend.community_id == comm.id)
+                .values(is_default=Blend.id == chosen.id)
+            )
+            await s.commit()
+            info, ids = replace(_info(st), default_blend=spec.to_json()), (st.id, user.id, comm.id)
+        if spec == before:
+            return info
+        job_id = await auto_distill(self.rt, ids[0], spec, user_id=ids[1], community_id=ids[2], reason="studio")
+        return replace(info, distill_job_id=job_id)
+
     @names_redis
     async def start_distill(
         self,
