@@ -55,6 +55,8 @@ class Settings:
     db_connect_timeout_s: float = 5.0  # a database connection not made in this time: UnavailableError
     db_statement_timeout_s: float = 10.0  # a statement unanswered this long (SQLite: a lock held): UnavailableError
     distill_kimg: float = 60.0  # length of the instant-model trainings the service queues (gan.distill's default)
+    finetune_steps: int = 400  # batches of a /finetune (backend.finetune.BATCH images each)
+    finetune_snapshot_every: int = 50  # batches between a fine-tune's snapshots (preview, metrics, generator)
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -100,6 +102,8 @@ class Settings:
             db_connect_timeout_s=_get(env, "TOONIFY_DB_CONNECT_TIMEOUT_S", _positive_float, 5.0),
             db_statement_timeout_s=_get(env, "TOONIFY_DB_STATEMENT_TIMEOUT_S", _positive_float, 10.0),
             distill_kimg=_get(env, "TOONIFY_DISTILL_KIMG", _positive_kimg, 60.0),
+            finetune_steps=_get(env, "TOONIFY_FINETUNE_STEPS", _positive_int, 400),
+            finetune_snapshot_every=_get(env, "TOONIFY_FINETUNE_SNAPSHOT_EVERY", _positive_int, 50),
         )
 
 

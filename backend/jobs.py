@@ -21,9 +21,12 @@ __all__ = [
     "PROJECTION_MODES",
     "DistillParams",
     "DistillResult",
+    "EditParams",
     "FinetuneParams",
     "FinetuneResult",
     "PreviewParams",
+    "SweepParams",
+    "SweepResult",
     "ToonParams",
     "ToonResult",
     "blend_key",
@@ -43,6 +46,20 @@ def queue_of(kind: JobKind) -> str:
 
 def _spec(value: dict[str, Any] | None) -> BlendSpec | None:
     return BlendSpec.from_json(value) if value else None
+
+
+ANIMATION_MEDIA_TYPES = {"gif": "image/gif", "webp": "image/webp"}  # /sweep's formats
+Edits = tuple[tuple[str, float], ...]  # (named direction, strength), in the order they were asked for
+
+
+def _edits(value: Any) -> Edits:
+    return tuple((str(name), float(strength)) for name, strength in value or ())
+
+
+def merge_edits(before: Edits, name: str, strength: float) -> Edits:
+    """``before`` with ``name`` set to ``strength`` (a later /edit of the same direction replaces it; 0 removes it)."""
+    kept = tuple((n, s) for n, s in before if n != name)
+    return kept if strength == 0 else (*kept, (name, float(strength)))
 
 
 @dataclass(frozen=True)
@@ -98,14 +115,19 @@ class PreviewParams:
     style_id: int
     style: str
     specs: tuple[BlendSpec, ...]
+    # A snapshot poll: row i renders checkpoints[i] (a fine-tune snapshot) at specs[i]; empty: the style's model
+    checkpoints: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "poll_id": self.poll_id,
             "style_id": self.style_id,
             "style": self.style,
             "specs": [s.to_json() for s in self.specs],
         }
+        if self.checkpoints:
+            d["checkpoints"] = list(self.checkpoints)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PreviewParams:
@@ -114,6 +136,7 @@ class PreviewParams:
             style_id=int(d["style_id"]),
             style=str(d.get("style", "")),
             specs=tuple(BlendSpec.from_json(s) for s in d.get("specs", [])),
+            checkpoints=tuple(str(c) for c in d.get("checkpoints", ())),
         )
 
 
@@ -179,7 +202,91 @@ class DistillParams:
         )
 
 
-JobParams = ToonParams | PreviewParams | FinetuneParams | DistillParams
+@dataclass(frozen=True)
+class EditParams:
+    """``/edit``: the photo of an earlier toon (``source_job``) re-rendered at its style and blend from its latents
+    moved along the style's named directions. ``mode`` is the projection whose cached latents are used (made
+    first when there are none: ``source_mode`` instant keeps no latents)."""
+
+    style_id: int
+    style: str
+    spec: BlendSpec
+    edits: Edits
+    source_job: str
+    source_mode: str = "balanced"
+    mode: str = "balanced"
+    all_faces: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "style_id": self.style_id,
+            "style": self.style,
+            "spec": self.spec.to_json(),
+            "edits": [list(e) for e in self.edits],
+            "source_job": self.source_job,
+            "source_mode": self.source_mode,
+            "mode": self.mode,
+            "all_faces": self.all_faces,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EditParams:
+        return cls(
+            style_id=int(d["style_id"]),
+            style=str(d.get("style", "")),
+            spec=BlendSpec.from_json(d["spec"]),
+            edits=_edits(d.get("edits")),
+            source_job=str(d.get("source_job", "")),
+            source_mode=str(d.get("source_mode", "balanced")),
+            mode=str(d.get("mode", "balanced")),
+            all_faces=bool(d.get("all_faces", True)),
+        )
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    """``/sweep``: an animation over the swap levels from 4 px up to full resolution, of an earlier toon's faces
+    (``source_job``, with the edits it had) or, with no ``source_job``, of the fixed probe faces."""
+
+    style_id: int
+    style: str
+    structure_from: str = "toon"
+    source_job: str | None = None
+    source_mode: str = ""
+    mode: str = "balanced"
+    edits: Edits = ()
+    all_faces: bool = True
+    fmt: str = "gif"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "style_id": self.style_id,
+            "style": self.style,
+            "structure_from": self.structure_from,
+            "source_job": self.source_job,
+            "source_mode": self.source_mode,
+            "mode": self.mode,
+            "edits": [list(e) for e in self.edits],
+            "all_faces": self.all_faces,
+            "fmt": self.fmt,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SweepParams:
+        return cls(
+            style_id=int(d["style_id"]),
+            style=str(d.get("style", "")),
+            structure_from=str(d.get("structure_from", "toon")),
+            source_job=d.get("source_job"),
+            source_mode=str(d.get("source_mode", "")),
+            mode=str(d.get("mode", "balanced")),
+            edits=_edits(d.get("edits")),
+            all_faces=bool(d.get("all_faces", True)),
+            fmt=str(d.get("fmt", "gif")),
+        )
+
+
+JobParams = ToonParams | PreviewParams | FinetuneParams | DistillParams | EditParams | SweepParams
 
 
 def params_from_json(kind: JobKind, d: dict[str, Any]) -> JobParams:
@@ -190,6 +297,10 @@ def params_from_json(kind: JobKind, d: dict[str, Any]) -> JobParams:
         return DistillParams.from_json(d)
     if kind == JobKind.PREVIEW:
         return PreviewParams.from_json(d)
+    if kind == JobKind.EDIT:
+        return EditParams.from_json(d)
+    if kind == JobKind.SWEEP:
+        return SweepParams.from_json(d)
     return ToonParams.from_json(d)
 
 
@@ -206,6 +317,7 @@ class ToonResult:
     image_sha256: str | None = None  # the photo (toon and re-blend)
     poll_id: int | None = None  # the poll (preview)
     mode: str = ""  # how the toon was made (instant, fast, balanced, quality); "" for a preview and older rows
+    edits: Edits = ()  # an /edit: the named directions and strengths applied
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -218,6 +330,8 @@ class ToonResult:
         }
         if self.mode:
             d["mode"] = self.mode
+        if self.edits:
+            d["edits"] = [list(e) for e in self.edits]
         if self.image_sha256 is not None:
             d["image_sha256"] = self.image_sha256
         if self.poll_id is not None:
@@ -237,6 +351,53 @@ class ToonResult:
             image_sha256=d.get("image_sha256"),
             poll_id=d.get("poll_id"),
             mode=str(d.get("mode", "")),
+            edits=_edits(d.get("edits")),
+        )
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A finished ``/sweep``: the animation's blob and what it shows (one frame per swap level)."""
+
+    animation: str
+    fmt: str
+    style: str
+    levels: tuple[int, ...]
+    faces: int
+    source: str  # "toon": the faces of the user's last toon; "probe": the fixed probe faces
+    image_sha256: str | None = None
+    edits: Edits = ()
+
+    @property
+    def filename(self) -> str:
+        return f"sweep.{self.fmt}"
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "animation": self.animation,
+            "format": self.fmt,
+            "style": self.style,
+            "levels": list(self.levels),
+            "faces": self.faces,
+            "source": self.source,
+        }
+        if self.image_sha256 is not None:
+            d["image_sha256"] = self.image_sha256
+        if self.edits:
+            d["edits"] = [list(e) for e in self.edits]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SweepResult:
+        return cls(
+            animation=str(d["animation"]),
+            fmt=str(d.get("format", "gif")),
+            style=str(d.get("style", "")),
+            levels=tuple(int(x) for x in d.get("levels", ())),
+            faces=int(d.get("faces", 0)),
+            source=str(d.get("source", "toon")),
+            image_sha256=d.get("image_sha256"),
+            edits=_edits(d.get("edits")),
         )
 
 

@@ -112,6 +112,8 @@ class JobKind(enum.StrEnum):
     FINETUNE = "finetune"
     PREVIEW = "preview"  # a poll's grid of candidate blends on probe faces
     DISTILL = "distill"  # train a style's instant (student) network for one blend
+    EDIT = "edit"  # a toon re-rendered from its latents moved along named directions (/edit smile 2)
+    SWEEP = "sweep"  # an animation of a toon (or probe faces) over the blend levels (/sweep)
 
 
 class JobStatus(enum.StrEnum):
@@ -265,6 +267,8 @@ class PollOption(Base):
     poll_id: Mapped[int] = mapped_column(_fk("polls.id", "CASCADE"))
     blend_id: Mapped[int] = mapped_column(_fk("blends.id", "CASCADE"), index=True)
     position: Mapped[int]
+    # A snapshot poll's option: the fine-tune snapshot (a generator file) rendered at the blend; None: a blend poll
+    checkpoint_path: Mapped[str | None] = mapped_column(sa.String(1024))
 
     poll: Mapped[Poll] = relationship(back_populates="options")
     blend: Mapped[Blend] = relationship()
