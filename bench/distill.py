@@ -6,13 +6,14 @@
 
 Sections (a table for each, and everything in ``--json``):
 
-* **quality**: held-out latents (seeded W+ drawn as the student's training draws them, from a seed range its
-  training never uses), each rendered by the base model (the input) and by the blended teacher (the target),
-  constant noise. Paths from the input: the student; balanced projection (``Toonifier.project(input,
-  "balanced")``, then the blended model renders the latents); fast (encoder only, for reference). Distance to
-  the teacher's output: PSNR, and the D-feature distance: the feature term of
-  ``gan.perceptual.DiscriminatorFeatureLoss`` alone (the base checkpoint's discriminator features,
-  unit-normalised over channels, squared distance summed over channels, averaged over positions and blocks).
+* **quality**: held-out latents (W+ drawn as the student's training draws them, ``sample_training_ws`` with
+  its truncation range and mixing share, from a generator seed its training does not use), each rendered by
+  the base model (the input) and by the blended teacher (the target), constant noise. Paths from the input:
+  the student; balanced projection (``Toonifier.project(input, "balanced")``, then the blended model renders
+  the latents); fast (encoder only, for reference). Distance to the teacher's output: PSNR, and the D-feature
+  distance: the feature term of ``gan.perceptual.DiscriminatorFeatureLoss`` alone (the base checkpoint's
+  discriminator features, unit-normalised over channels, squared distance summed over channels, averaged over
+  positions and blocks).
 * **identity**: dlib face-descriptor distance (``gan.finetune.IdentityMeter``: < 0.6 is dlib's "same
   person") between each aligned input and its toon, per path, on three sets: the real portraits in
   tests/fixtures (aligned by the Toonifier's aligner), procedural photos (``gan.synthetic``, people the demo
@@ -25,7 +26,11 @@ Sections (a table for each, and everything in ``--json``):
   (``--pass-faces``) and no more than free memory holds (``gan.projection.faces_per_pass``; on CPU the host's
   MemAvailable); the row's cost per face is that of one full pass (``pass_faces``, ``passes``). Models: the demo
   style, and 256 px config-f networks with random weights (``bench/gpu.py``'s ``networks``) beside a student
-  of the default size for 256 px (speed only: the values do not change the cost).
+  of the size ``toonify distill`` makes (``DistillConfig``) for 256 px (speed only: values do not change cost).
+
+Quality and identity run on the last ``--device``; a student comes from ``--student``, else the manifest's
+entry for the style's blend, else one is trained for a few kimg on the spot (with a warning: its numbers say
+nothing about a real student).
 
 The summary prints the issue's two acceptance figures: the student's distance to the teacher against
 balanced projection's (PSNR difference, D-feature ratio) and the CPU speed-up per face. Nothing is asserted.
@@ -82,7 +87,7 @@ class Plan:
     cf_timed_steps: int = 3  # balanced steps timed on the config-f networks (the rest extrapolated)
     cf_resolution: int = 256
     cf_networks: bench_gpu.Plan = field(default_factory=bench_gpu.Plan)  # config-f: multiplier 2, 512 max
-    cf_student: dict = field(default_factory=dict)  # Student(...) arguments beyond the resolution: the default
+    cf_student: dict = field(default_factory=dict)  # overrides of the size `toonify distill` makes (DistillConfig)
     pass_faces: int = 16  # faces per projection pass at most: backend.batching's default max_faces
     train_kimg: float = 2.0  # a student trained on the fly when none is given or listed (with a warning)
 
@@ -287,6 +292,11 @@ def demo_speed(tf: Toonifier, student: Student, plan: Plan) -> list[dict]:
     return bench_speed("demo", tf, student, crops_for, plan.demo_timed_steps, plan)
 
 
+def cf_student_kwargs(plan: Plan) -> dict:
+    """The student `toonify distill` would make for a config-f model (DistillConfig's size), with overrides."""
+    return DistillConfig().student_kwargs(plan.cf_resolution) | plan.cf_student
+
+
 def config_f_speed(plan: Plan, device: torch.device) -> list[dict]:
     """Random-weight config-f networks at ``plan.cf_resolution`` (as bench/gpu.py builds them) and a student."""
     res = plan.cf_resolution
@@ -299,7 +309,7 @@ def config_f_speed(plan: Plan, device: torch.device) -> list[dict]:
         warnings.simplefilter("ignore", LineageWarning)  # G blended with itself: a random model has no lineage
         tf = Toonifier(G, G, encoder=enc, loss_fn=build_perceptual_loss(discriminator=D).to(device), device=device)
         tf.blended()
-    student = Student(resolution=res, **plan.cf_student).to(device).eval()
+    student = Student(**cf_student_kwargs(plan)).to(device).eval()
 
     def crops_for(batch: int) -> Tensor:
         return torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(batch)) * 2 - 1
@@ -464,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "quick": args.quick,
         "plan": asdict(plan),
+        "cf_student": cf_student_kwargs(plan),
         "style": style.name,
         "blend": style.blend.to_json(),
         "student": student_info,
