@@ -22,14 +22,21 @@ Additions to Justin's script: swaps at 4x4 (``y`` = 1 from 8x8 up); ``mode="weig
 one weight per position giving the *toon model's share* (``structure_from`` then only picks the source of
 the never-blended parts); architecture checks (:class:`BlendError`); a lineage check
 (:class:`LineageWarning`); and ``meta`` on the result recording the recipe and both parents' content hashes.
+
+Blends of more than two generators (:func:`blend_many`): one share per model and blend position, each
+position's shares summing to 1 (e.g. the base, a mid-training snapshot and the final toon model). The
+never-blended parts come from one chosen model, by default the one with the largest share at 4x4, which is
+what Toonify does with two (the mapping follows the shape).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -177,6 +184,12 @@ def _lineage(G: Generator) -> tuple[str, set[str]]:
     return meta.get("content_hash") or content_hash(G.state_dict()), set(meta.get("ancestors") or ())
 
 
+def _related(a: tuple[str, set[str]], b: tuple[str, set[str]]) -> bool:
+    """One model descends from the other, or both from a common ancestor (per their recorded lineage)."""
+    (ha, anc_a), (hb, anc_b) = a, b
+    return ha == hb or ha in anc_b or hb in anc_a or bool(anc_a & anc_b)
+
+
 def _check_compatible(base: Generator, toon: Generator) -> None:
     if base.config != toon.config:
         raise BlendError(f"cannot blend different architectures: base {base.config} vs toon {toon.config}")
@@ -195,7 +208,7 @@ def blend(base: Generator, toon: Generator, spec: BlendSpec) -> Generator:
     _check_compatible(base, toon)
     shares = spec.layer_weights(base.resolution)
     (hb, anc_b), (ht, anc_t) = _lineage(base), _lineage(toon)
-    if hb != ht and hb not in anc_t and ht not in anc_b and not anc_b & anc_t:
+    if not _related((hb, anc_b), (ht, anc_t)):
         warnings.warn(
             f"base ({hb[:12]}) and toon ({ht[:12]}) share no recorded ancestor; blending models that were not "
             "fine-tuned from one another usually gives garbage",
@@ -225,5 +238,104 @@ def blend(base: Generator, toon: Generator, spec: BlendSpec) -> Generator:
         "blend": spec.to_json(),
         "parents": {"base": hb, "toon": ht},
         "ancestors": sorted({hb, ht} | anc_b | anc_t),
+    }
+    return out.eval()
+
+
+SHARE_TOLERANCE = 1e-6  # how far a position's shares may sum from 1 (text such as 0.3,0.3,0.4 is not exact)
+
+
+def base_and_toon_shares(toon_shares: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Rows for :func:`blend_many` from the toons' rows alone: the base (row 0) takes at each position what the
+    toons leave. Each toon share must lie in [0, 1] and the toons' shares at a position may not exceed 1."""
+    rows = [[float(v) for v in row] for row in toon_shares]
+    if not rows or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError("give one row of shares per toon model, all of the same length (one per blend position)")
+    bad = [v for r in rows for v in r if not 0.0 <= v <= 1.0]  # NaN fails too
+    if bad:
+        raise ValueError(f"shares must lie in [0, 1], got {bad[:5]}")
+    left = [1.0 - math.fsum(col) for col in zip(*rows, strict=True)]
+    over = [i for i, v in enumerate(left) if v < -SHARE_TOLERANCE]
+    if over:
+        raise ValueError(f"the toons' shares add up to more than 1 at blend positions {over}")
+    return [[max(0.0, v) for v in left], *rows]
+
+
+def blend_many(
+    generators: Sequence[Generator], shares: Sequence[Sequence[float]], *, structure_from: int | None = None
+) -> Generator:
+    """A generator mixing several models layer by layer, on the first model's device and dtype, in eval mode.
+
+    ``shares[i][p]`` is model ``i``'s share at blend position ``p`` (4x4 const first, as ``BlendSpec.weights``;
+    ``2·log2(R) − 2`` positions); at every position the shares lie in [0, 1] and sum to 1. A share of exactly 1
+    copies that model's tensors bit for bit; mixes are computed in float32. ``structure_from`` is the index of
+    the model that gives the never-blended parts (mapping, 4x4 ``conv1``, buffers, ``w_avg``); by default the
+    one with the largest share at position 0. With two models and ``shares = [1 - w, w]`` this is
+    :func:`blend` with ``BlendSpec(mode="weights", weights=w)``.
+
+    Raises :class:`BlendError` for different architectures and ``ValueError`` for bad shares; warns
+    :class:`LineageWarning` for each pair of models whose lineage shows no common base. ``result.meta``:
+    ``blend_many`` (shares, structure_from, parents: the models' content hashes in order) and the union of
+    ancestors.
+    """
+    models = list(generators)
+    if len(models) < 2:
+        raise ValueError(f"a blend needs at least two generators, got {len(models)}")
+    if len(shares) != len(models):
+        raise ValueError(f"{len(models)} generators but {len(shares)} rows of shares (one row per generator)")
+    for G in models[1:]:
+        _check_compatible(models[0], G)
+    n = num_positions(models[0].resolution)
+    rows = [[float(v) for v in row] for row in shares]
+    for i, row in enumerate(rows):
+        if len(row) != n:
+            raise ValueError(f"a {models[0].resolution}px model has {n} blend positions, but row {i} has {len(row)}")
+        bad = [v for v in row if not 0.0 <= v <= 1.0]
+        if bad:
+            raise ValueError(f"shares must lie in [0, 1]; row {i} has {bad[:5]}")
+    sums = [math.fsum(col) for col in zip(*rows, strict=True)]
+    off = [(p, round(v, 6)) for p, v in enumerate(sums) if abs(v - 1.0) > SHARE_TOLERANCE]
+    if off:
+        raise ValueError(f"the shares at each blend position must sum to 1; (position, sum): {off}")
+    if structure_from is None:
+        structure_from = max(range(len(models)), key=lambda i: (rows[i][0], -i))  # ties: the first
+    if not 0 <= structure_from < len(models):
+        raise ValueError(f"structure_from must be a model index in 0…{len(models) - 1}, got {structure_from}")
+
+    lineage = [_lineage(G) for G in models]
+    for a, b in itertools.combinations(range(len(models)), 2):
+        if not _related(lineage[a], lineage[b]):
+            warnings.warn(
+                f"models {a} ({lineage[a][0][:12]}) and {b} ({lineage[b][0][:12]}) share no recorded ancestor; "
+                "blending models that were not fine-tuned from one another usually gives garbage",
+                LineageWarning,
+                stacklevel=2,
+            )
+
+    first, structure = models[0], models[structure_from]
+    device = first.device
+    params = {name for name, _ in first.named_parameters()}
+    states = [G.state_dict() for G in models]
+    ss = states[structure_from]
+    out_sd = {}
+    for name, t0 in states[0].items():
+        pos = blend_position(name) if name in params else None
+        if pos is None:
+            out_sd[name] = ss[name]
+            continue
+        column = [row[pos] for row in rows]
+        whole = [i for i, w in enumerate(column) if w == 1.0]
+        if whole:
+            out_sd[name] = states[whole[0]][name]
+            continue
+        terms = [sd[name].to(device).float() * w for sd, w in zip(states, column, strict=True) if w > 0.0]
+        out_sd[name] = sum(terms[1:], terms[0]).to(t0.dtype)
+    out = copy.deepcopy(first)
+    out.load_state_dict(out_sd, strict=True)
+    out.w_avg.copy_(structure.w_avg)
+    hashes = [h for h, _ in lineage]
+    out.meta = {
+        "blend_many": {"shares": rows, "structure_from": structure_from, "parents": hashes},
+        "ancestors": sorted(set(hashes).union(*(anc for _, anc in lineage))),
     }
     return out.eval()

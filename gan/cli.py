@@ -65,18 +65,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be numbers separated by commas, got {text!r}") from None
+
+
+def _structure_index(text: str, models: int) -> int | None:
+    """--structure-from for --shares blends: base (0), toon (the first TOON, 1) or a model's index."""
+    if text is None:
+        return None
+    index = {"base": 0, "toon": 1}.get(text)
+    if index is None:
+        if not text.isdigit():
+            raise ValueError(f"--structure-from must be base, toon or a model index, got {text!r}")
+        index = int(text)
+    if index >= models:
+        raise ValueError(f"--structure-from {text}: there are only {models} models (0 is BASE, 1… the TOONs)")
+    return index
+
+
 def cmd_blend(args: argparse.Namespace) -> int:
-    from gan.blending import BlendSpec, blend
+    from gan.blending import BlendSpec, base_and_toon_shares, blend, blend_many
     from gan.checkpoints import load_generator
 
+    if args.shares is not None:
+        if len(args.shares) != len(args.toons):
+            raise ValueError(f"give --shares once per TOON, in order: {len(args.toons)} TOONs, {len(args.shares)} rows")
+        if args.weights is not None or args.width is not None or args.swap is not None:
+            raise ValueError("--shares replaces --swap, --width and --weights")
+        rows = base_and_toon_shares([_numbers(row, "--shares") for row in args.shares])
+        models = [load_generator(path) for path in (args.base, *args.toons)]
+        G = blend_many(models, rows, structure_from=_structure_index(args.structure_from, len(models)))
+        out = write_checkpoint(generator_to_data(G), args.out)
+        shown = "; ".join(f"{name}: {' '.join(f'{v:g}' for v in row)}" for name, row in
+                          zip(("base", *(f"toon{i}" for i in range(1, len(rows)))), rows, strict=True))  # fmt: skip
+        print(f"wrote {out}: {len(models)} models, shares per layer {shown}", file=sys.stderr)
+        return 0
+    if len(args.toons) != 1:
+        raise ValueError(f"blending {len(args.toons)} TOONs needs --shares, once per TOON (see --help)")
+    structure = args.structure_from or "toon"
+    if structure not in ("toon", "base"):
+        raise ValueError("--structure-from of a two-model blend is toon or base")
     if args.weights is not None:
-        spec = BlendSpec(mode="weights", weights=tuple(float(x) for x in args.weights.split(",")))
+        spec = BlendSpec(mode="weights", weights=_numbers(args.weights, "--weights"), structure_from=structure)
     elif args.width:
-        spec = BlendSpec(mode="smooth", resolution=args.swap, width=args.width, structure_from=args.structure_from)
+        swap = args.swap or 32
+        spec = BlendSpec(mode="smooth", resolution=swap, width=args.width, structure_from=structure)
     else:
-        spec = BlendSpec(mode="swap", resolution=args.swap, structure_from=args.structure_from)
+        spec = BlendSpec(mode="swap", resolution=args.swap or 32, structure_from=structure)
     base = load_generator(args.base)
-    toon = load_generator(args.toon)
+    toon = load_generator(args.toons[0])
     G = blend(base, toon, spec)
     out = write_checkpoint(generator_to_data(G), args.out)
     print(f"wrote {out}: {spec.describe()}", file=sys.stderr)
@@ -268,13 +308,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png")
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("blend", help="layer-swap a base and a toon model into a blended model")
-    s.add_argument("base")
-    s.add_argument("toon")
-    s.add_argument("--swap", type=int, default=32, help="swap resolution (8..1024)")
+    s = sub.add_parser(
+        "blend",
+        help="layer-swap a base and a toon model (or mix several models per layer) into a blended model",
+        description="Blend generators layer by layer. Any checkpoint works as BASE or TOON, fine-tune snapshots "
+        "(RUN/snapshots/kimg*.safetensors) included. Two models: --swap, --width or --weights. More models: "
+        "toonify blend BASE TOON1 TOON2 --shares S1 --shares S2, one --shares per TOON in order; a row gives that "
+        "TOON's share at each blend position, 4x4 first (2*log2(R)-2 values: 10 for 64 px, 14 for 256 px, 18 for "
+        "1024 px), and BASE takes what the TOONs leave at each position (shares at a position may not exceed 1). "
+        "E.g. 64 px, a snapshot for the coarse layers and the final model for the middle ones: toonify blend "
+        "base.safetensors run/snapshots/kimg000004.000.safetensors run/toon.safetensors "
+        "--shares 1,1,1,1,0,0,0,0,0,0 --shares 0,0,0,0,1,1,0.5,0.5,0,0 --out mix.safetensors",
+    )
+    s.add_argument("base", help="base model (position 0 of --structure-from)")
+    s.add_argument("toons", nargs="+", metavar="toon", help="toon model(s): a fine-tune result or a snapshot")
+    s.add_argument("--swap", type=int, help="swap resolution (4..1024; default 32)")
     s.add_argument("--width", type=float, help="smooth transition width (logistic); omit for a hard swap")
-    s.add_argument("--structure-from", choices=["toon", "base"], default="toon")
+    s.add_argument(
+        "--structure-from",
+        help="the model giving the mapping network, 4x4 conv1 and w_avg: toon (default) or base; with --shares "
+        "also a model index (0 BASE, 1 the first TOON, ...; default: the largest share at 4x4)",
+    )
     s.add_argument("--weights", help="explicit per-layer toon weights, comma separated (overrides --swap)")
+    s.add_argument(
+        "--shares",
+        action="append",
+        metavar="S,S,...",
+        help="one per TOON, in order: its share at each blend position (4x4 first); BASE gets the rest",
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_blend)
 
@@ -313,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gan.distill import add_distill_parser
     from gan.encoder import add_train_encoder_parser
+    from gan.explore import add_explore_parsers
 
     add_train_encoder_parser(sub)
     add_distill_parser(sub)
+    add_explore_parsers(sub)  # directions, name-direction, list-directions, edit, mix, sweep, interpolate
 
     s = sub.add_parser("finetune", help="fine-tune a base model on a folder or zip of images (a toon style)")
     s.add_argument("base", help="base checkpoint with a discriminator (.safetensors, rosinality .pt, NVIDIA .pkl)")

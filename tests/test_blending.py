@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gan import load_generator, save_generator
-from gan.blending import BlendError, BlendSpec, LineageWarning, blend
+from gan.blending import BlendError, BlendSpec, LineageWarning, base_and_toon_shares, blend, blend_many
 from gan.checkpoints.common import content_hash
 from gan.networks import Generator
 from tests.conftest import make_tiny_generator, tiny_config
@@ -272,3 +272,165 @@ def test_result_takes_the_base_models_dtype(pair):
     out = quiet_blend(base, toon.double(), BlendSpec("smooth", 16, width=1.0))
     assert {t.dtype for t in out.state_dict().values()} == {torch.float32}
     assert torch.equal(out.conv1.conv.weight, toon.conv1.conv.weight.float())  # structure model, cast
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blends of several generators
+
+
+@pytest.fixture
+def trio() -> list[Generator]:
+    """A base and two models fine-tuned from it (say a snapshot and the final toon model)."""
+    base = make_tiny_generator(1, RES)
+    hb = content_hash(base.state_dict())
+    models = [base, make_tiny_generator(2, RES), make_tiny_generator(3, RES)]
+    for G in models[1:]:
+        G.meta = {"ancestors": [hb]}
+    return models
+
+
+def quiet_many(models, shares, **kw) -> Generator:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LineageWarning)
+        return blend_many(models, shares, **kw)
+
+
+def one_hot(owners: list[int], models: int) -> list[list[float]]:
+    return [[1.0 if owner == i else 0.0 for owner in owners] for i in range(models)]
+
+
+def test_three_way_one_hot_shares_take_each_layer_from_its_model(trio):
+    owners = [2, 0, 1, 1, 0, 2, 2, 1, 0, 0]  # the model of each blend position, 4x4 const first
+    out = quiet_many(trio, one_hot(owners, 3))
+    states = [G.state_dict() for G in trio]
+    for name, t in out.state_dict().items():
+        layer = layer_of(name)
+        owner = 2 if layer is None else owners[position(*layer)]  # never-blended parts: the 4x4 owner's
+        assert torch.equal(t, states[owner][name]), name
+        if not name.endswith("kernel"):
+            assert not any(torch.equal(t, states[i][name]) for i in range(3) if i != owner), name
+    assert torch.equal(out.w_avg, trio[2].w_avg)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_all_shares_on_one_model_is_that_model(trio, k):
+    out = quiet_many(trio, one_hot([k] * 10, 3))
+    z = torch.randn(3, out.z_dim, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(out(z, truncation_psi=0.7), trio[k](z, truncation_psi=0.7))
+    assert out.meta["blend_many"]["structure_from"] == k
+
+
+@pytest.mark.parametrize("structure_from", ["toon", "base"])
+def test_two_model_blend_many_is_the_weights_blend(pair, structure_from):
+    base, toon = pair
+    w = [1.0, 0.9, 0.75, 0.5, 0.5, 0.3, 0.2, 0.0, 0.0, 0.0]
+    two = quiet_blend(base, toon, BlendSpec("weights", structure_from=structure_from, weights=w))
+    many = quiet_many([base, toon], [[1 - x for x in w], w], structure_from=1 if structure_from == "toon" else 0)
+    assert two.state_dict().keys() == many.state_dict().keys()
+    assert all(torch.equal(v, many.state_dict()[k]) for k, v in two.state_dict().items())
+    assert torch.equal(two.w_avg, many.w_avg)
+
+
+def test_even_shares_average_the_three_models(trio):
+    out = quiet_many(trio, [[1 / 3] * 10] * 3, structure_from=1)
+    states = [G.state_dict() for G in trio]
+    for name, t in out.state_dict().items():
+        if layer_of(name) is None:
+            assert torch.equal(t, states[1][name]), name  # structure_from
+        else:
+            mean = sum(s[name] for s in states) / 3
+            torch.testing.assert_close(t, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_shares_and_models_are_refused(trio):
+    with pytest.raises(ValueError, match="sum to 1"):
+        blend_many(trio, [[0.5] * 10, [0.5] * 10, [0.5] * 10])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        blend_many(trio, [[1.5] * 10, [-0.5] * 10, [0.0] * 10])
+    with pytest.raises(ValueError, match="10 blend positions"):
+        blend_many(trio, one_hot([0] * 8, 3))
+    with pytest.raises(ValueError, match="one row per generator"):
+        blend_many(trio, one_hot([0] * 10, 2))
+    with pytest.raises(ValueError, match="at least two"):
+        blend_many(trio[:1], [[1.0] * 10])
+    with pytest.raises(ValueError, match="structure_from"):
+        blend_many(trio, one_hot([0] * 10, 3), structure_from=3)
+    with pytest.raises(BlendError, match="different architectures"):
+        blend_many([*trio, make_tiny_generator(4, 32)], one_hot([0] * 10, 4))
+
+
+def test_blend_many_lineage_warning_names_the_unrelated_pair(trio):
+    stranger = make_tiny_generator(5, RES)
+    with pytest.warns(LineageWarning) as record:
+        blend_many([*trio, stranger], one_hot([0] * 10, 4))
+    messages = [str(w.message) for w in record]
+    assert [m.split(" (")[0] for m in messages] == ["models 0", "models 1", "models 2"]  # each against the stranger
+    assert all(" and 3 (" in m for m in messages) and record[0].filename == __file__
+
+
+def test_blend_many_records_its_recipe_and_survives_save_and_load(trio, tmp_path):
+    shares = [[0.0] * 4 + [1.0] * 6, [1.0] * 4 + [0.0] * 6, [0.0] * 10]
+    shares[2][5], shares[0][5] = 0.5, 0.5
+    out = quiet_many(trio, shares)
+    hashes = [content_hash(G.state_dict()) for G in trio]
+    assert out.meta == {
+        "blend_many": {"shares": shares, "structure_from": 1, "parents": hashes},
+        "ancestors": sorted(set(hashes)),
+    }
+    loaded = load_generator(save_generator(out, tmp_path / "many.safetensors"))
+    assert loaded.meta["blend_many"] == out.meta["blend_many"]
+    assert all(torch.equal(v, out.state_dict()[k]) for k, v in loaded.state_dict().items())
+    z = torch.randn(2, out.z_dim, generator=torch.Generator().manual_seed(0))
+    img = loaded(z)
+    assert img.shape == (2, 3, RES, RES) and torch.isfinite(img).all()
+
+
+def test_the_base_takes_what_the_toons_leave():
+    assert base_and_toon_shares([[1, 0.5, 0], [0, 0.25, 0]]) == [[0, 0.25, 1], [1, 0.5, 0], [0, 0.25, 0]]
+    rows = base_and_toon_shares([[0.1, 0.2], [0.2, 0.1], [0.7, 0.7]])
+    assert all(v >= 0 for v in rows[0]) and rows[0] == pytest.approx([0, 0])
+    with pytest.raises(ValueError, match="more than 1"):
+        base_and_toon_shares([[0.6, 0], [0.6, 0]])
+    with pytest.raises(ValueError, match="same length"):
+        base_and_toon_shares([[0.5, 0], [0.5]])
+
+
+def test_cli_blends_several_models_with_shares(trio, tmp_path, capsys):
+    from gan.cli import main
+
+    paths = [save_generator(G, tmp_path / f"m{i}.safetensors") for i, G in enumerate(trio)]
+    t1, t2 = "1,1,1,1,0,0,0,0,0,0", "0,0,0,0,1,1,0.5,0.5,0,0"
+    out = tmp_path / "mix.safetensors"
+    args = ["blend", *map(str, paths), "--shares", t1, "--shares", t2, "--out", str(out)]
+    assert main(args) == 0
+    assert "3 models" in capsys.readouterr().err
+    loaded = load_generator(out)
+    rows = base_and_toon_shares([[float(x) for x in t.split(",")] for t in (t1, t2)])
+    expected = quiet_many([load_generator(p) for p in paths], rows)
+    assert loaded.meta["blend_many"]["shares"] == rows and loaded.meta["blend_many"]["structure_from"] == 1
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert main([*args[:-2], "--structure-from", "2", "--out", str(out)]) == 0
+    assert load_generator(out).meta["blend_many"]["structure_from"] == 2
+
+    for bad, why in [
+        (["blend", *map(str, paths), "--shares", t1, "--out", str(out)], "once per TOON"),
+        (["blend", *map(str, paths), "--out", str(out)], "needs --shares"),
+        (["blend", *map(str, paths[:2]), "--shares", "1,x", "--out", str(out)], "numbers"),
+        (["blend", *map(str, paths[:2]), "--shares", t1, "--swap", "16", "--out", str(out)], "replaces"),
+        (["blend", *map(str, paths), "--shares", t1, "--shares", t1, "--out", str(out)], "more than 1"),
+        (["blend", *map(str, paths), "--shares", t1, "--shares", t2, "--structure-from", "5", "--out", "x"], "only 3"),
+    ]:
+        assert main(bad) == 2, bad
+        assert why in capsys.readouterr().err, bad
+
+
+def test_cli_two_model_weights_follow_structure_from(pair, tmp_path):
+    from gan.cli import main
+
+    base, toon = pair
+    pb, pt = save_generator(base, tmp_path / "b.safetensors"), save_generator(toon, tmp_path / "t.safetensors")
+    w = "1,1,1,1,0.5,0,0,0,0,0"
+    out = tmp_path / "o.safetensors"
+    assert main(["blend", str(pb), str(pt), "--weights", w, "--structure-from", "base", "--out", str(out)]) == 0
+    assert load_generator(out).meta["blend"]["structure_from"] == "base"
+    assert main(["blend", str(pb), str(pt), "--swap", "16", "--structure-from", "2", "--out", str(out)]) == 2
