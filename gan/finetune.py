@@ -13,12 +13,14 @@ Three parts, each usable alone:
   temporary file and the dataset is a memory map of it, so memory stays bounded whatever the file count.
 * **Metrics** (:func:`kid`, :class:`DiscriminatorFeatures`, :class:`IdentityMeter`): KID on the *base*
   discriminator's features (Inception weights are not shipped, and the report says which features were
-  used), and for each candidate swap resolution how well the blended model keeps the base model's identity:
-  the dlib face-descriptor distance between base and blended renders of the same latents.
+  used); FID and KID on Inception-v3 features as well where ``TOONIFY_INCEPTION_PATH`` names pytorch-fid's
+  weight file (:mod:`gan.inception`); and for each candidate swap resolution how well the blended model keeps
+  the base model's identity: the dlib face-descriptor distance between base and blended renders of the same
+  latents.
 * **Runs** (:class:`FinetuneRun`): :class:`gan.training.Trainer` with FreezeD/FreezeG, DiffAugment or ADA, a
-  kimg budget and snapshots every ``snapshot_kimg`` (training state, preview grid, metrics row), resumable
-  after a kill; the result is a toon checkpoint in our format with lineage, blend previews at every swap
-  resolution and ``report.json`` with the metrics table.
+  kimg budget and snapshots every ``snapshot_kimg`` (training state, preview grid, metrics row, and the EMA
+  generator as a loadable checkpoint with lineage), resumable after a kill; the result is a toon checkpoint in
+  our format with lineage, blend previews at every swap resolution and ``report.json`` with the metrics table.
 """
 
 from __future__ import annotations
@@ -45,15 +47,17 @@ from PIL import Image
 from torch import Tensor
 
 from gan.blending import BlendSpec, LineageWarning, blend
-from gan.checkpoints import CheckpointError, content_hash, load_discriminator, load_generator
+from gan.checkpoints import CheckpointError, content_hash, load_discriminator, load_generator, save_generator
 from gan.imageio import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from gan.images import from_uint8, make_grid, save_grid, to_uint8, z_from_seeds
+from gan.inception import InceptionFeatures, configured_inception_path, feature_statistics, frechet_distance
 from gan.networks import Discriminator, Generator
 from gan.training import TrainConfig, Trainer, lineage_of
 
 __all__ = [
     "AUG_MODES",
     "INCEPTION_NOTE",
+    "SNAPSHOT_DIR",
     "DatasetRefusedError",
     "DiscriminatorFeatures",
     "FinetuneDataset",
@@ -72,7 +76,8 @@ __all__ = [
 ]
 
 AUG_MODES = ("ada", "diffaug", "none")
-INCEPTION_NOTE = "not available: no local Inception weights configured"
+INCEPTION_NOTE = "not available: no local Inception weights configured (TOONIFY_INCEPTION_PATH)"
+SNAPSHOT_DIR = "snapshots"  # the run's loadable generators, one per snapshot: kimg<kimg, 6.3 digits>.safetensors
 IDENTITY_PSI = 0.7  # truncation of the identity and blend-preview renders
 OVERVIEW = "blends/overview.png (rows: base, each swap resolution, toon; the base model's W at psi 0.7)"
 SAME_PERSON = 0.6  # dlib's documented face-descriptor distance threshold for "the same person"
@@ -654,11 +659,14 @@ def metrics_table(rows: list[dict]) -> str:
         return "(no metrics yet)"
     last = rows[-1].get("identity", {})
     swaps = sorted((k for k in last if k != "note"), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0))
-    head = ["kimg", "step", "aug_p", "KID(D)"] + [f"id@{k}" for k in swaps]
+    inception = any(r.get("fid") is not None for r in rows)
+    head = ["kimg", "step", "aug_p", "KID(D)"] + (["FID", "KID(I)"] if inception else []) + [f"id@{k}" for k in swaps]
     lines = ["  ".join(f"{h:>8}" for h in head)]
     for r in rows:
         ident = r.get("identity", {})
         cells = [f"{r['kimg']:.3f}", str(r["step"]), f"{r.get('aug_p', 0.0):.3f}", _fmt(r.get("kid"))]
+        if inception:
+            cells += [_fmt(r.get("fid"), 2), _fmt(r.get("kid_inception"))]
         cells += [_fmt((ident.get(k) or {}).get("distance")) for k in swaps]
         lines.append("  ".join(f"{c:>8}" for c in cells))
     notes = {rows[-1].get("kid_features", ""), f"FID/KID on Inception: {rows[-1].get('inception', INCEPTION_NOTE)}"}
@@ -673,8 +681,8 @@ def metrics_table(rows: list[dict]) -> str:
     return "\n".join(lines + sorted(n for n in notes if n))
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 # ==========================================================================================================
@@ -699,11 +707,18 @@ class FinetuneRun:
     """One fine-tune in its own folder ``out``:
 
     ``settings.json``, ``dataset.json`` (the ingest report), ``snapshot.pt`` (the latest training state,
-    replaced atomically), ``previews/preview_<images seen>.png``, ``metrics.json`` (all rows so far),
-    and when done ``toon.safetensors``, ``blends/swap<R>.png`` + ``blends/overview.png`` and ``report.json``.
+    replaced atomically), ``previews/preview_<images seen>.png``, ``snapshots/kimg<kimg>.safetensors`` (the EMA
+    generator of every snapshot, e.g. ``kimg000004.000.safetensors``: a checkpoint like any other, with the
+    base model as its ancestor and ``meta["snapshot"]`` = kimg, step and the snapshot's metrics row),
+    ``metrics.json`` (all rows so far), and when done ``toon.safetensors`` (the last snapshot's generator, with
+    the discriminator for later fine-tunes), ``blends/swap<R>.png`` + ``blends/overview.png`` and
+    ``report.json``.
 
     ``resume=True`` continues from ``snapshot.pt`` when there is one (the base and data must be the ones it
-    started with); the run then ends exactly where an uninterrupted one would (same device and threads)."""
+    started with); the run then ends exactly where an uninterrupted one would (same device and threads).
+
+    ``inception``: FID features; True reads ``TOONIFY_INCEPTION_PATH`` when it is set (a path that is set but
+    absent is an error), None or False: none."""
 
     def __init__(
         self,
@@ -715,6 +730,7 @@ class FinetuneRun:
         device: str | torch.device = "cpu",
         resume: bool = False,
         identity: IdentityMeter | bool | None = True,
+        inception: InceptionFeatures | bool | None = True,
     ) -> None:
         self.out, self.base_path, self.dataset = Path(out), Path(base), dataset
         self.device = torch.device(device)
@@ -743,6 +759,11 @@ class FinetuneRun:
             self.identity_note = "" if self.identity else "not available: switched off"
         self.features = DiscriminatorFeatures(self.D_base)
         self._real_features: np.ndarray | None = None
+        if inception is True:
+            path = configured_inception_path()
+            inception = None if path is None else InceptionFeatures.from_path(path, self.device)
+        self.inception = inception or None
+        self._real_inception: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # features, mean, cov
         self._base_descriptors: list | None = None
         self.trainer = self._trainer()
 
@@ -805,9 +826,25 @@ class FinetuneRun:
             reals = from_uint8(self.dataset.images[: max(2, s.metric_samples)])
             self._real_features = self.features(reals)
         z = torch.randn(max(2, s.metric_samples), G.z_dim, generator=torch.Generator().manual_seed(s.seed + 7919))
-        fake = self.features(render(G, z))
-        value = kid(self._real_features, fake, seed=s.seed)
-        return {"kid": value, "kid_features": self.features.description, "fid": None, "inception": INCEPTION_NOTE}
+        fakes = render(G, z)
+        value = kid(self._real_features, self.features(fakes), seed=s.seed)
+        row = {"kid": value, "kid_features": self.features.description, "fid": None, "inception": INCEPTION_NOTE}
+        if self.inception is not None:
+            row.update(self._inception_row(fakes))
+        return row
+
+    def _inception_row(self, fakes: Tensor) -> dict:
+        """FID and KID on Inception features, against the same real images as KID(D)."""
+        if self._real_inception is None:
+            reals = self.inception(from_uint8(self.dataset.images[: max(2, self.settings.metric_samples)]))
+            self._real_inception = (reals, *feature_statistics(reals))
+        reals, mu_real, sigma_real = self._real_inception
+        fake = self.inception(fakes)
+        return {
+            "fid": frechet_distance(mu_real, sigma_real, *feature_statistics(fake)),
+            "kid_inception": kid(reals, fake, seed=self.settings.seed),
+            "inception": self.inception.description,
+        }
 
     def _identity_row(self, toon: Generator) -> dict:
         if self.identity is None:
@@ -853,13 +890,33 @@ class FinetuneRun:
         path = self.out / "previews" / f"preview_{self.trainer.nimg:08d}.png"
         return save_grid(render(self.trainer.G_ema, z), path, columns=math.ceil(math.sqrt(len(z))))
 
+    def generator_snapshot_path(self, nimg: int | None = None) -> Path:
+        """Where the snapshot after ``nimg`` images (default: now) keeps its generator; the kimg has three
+        decimals so small runs do not collide and the names sort in training order."""
+        nimg = self.trainer.nimg if nimg is None else nimg
+        return self.out / SNAPSHOT_DIR / f"kimg{nimg / 1000:010.3f}.safetensors"
+
+    def _save_generator_snapshot(self, path: Path, row: dict) -> Path:
+        """``G_ema`` as a loadable checkpoint: lineage as the final file has it, plus this snapshot's row."""
+        t = self.trainer
+        G = copy.deepcopy(t.G_ema)  # the live EMA trains on; only the copy gets an average latent
+        G.compute_w_avg(n=4096, seed=t.cfg.seed)  # as Trainer.finished_generator: the last equals toon.safetensors
+        G.meta = t.lineage_meta()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_generator(G, path, meta={"snapshot": {"kimg": row["kimg"], "step": row["step"], "metrics": row}})
+
     def _record(self, on_snapshot: Callable[[dict], None] | None, *, save: bool) -> None:
-        """Metrics row and preview grid of the current ``G_ema``, then (``save``) the training state: a run
-        killed before the state is saved redoes this segment and writes the same files again."""
+        """Metrics row and preview grid of the current ``G_ema``, then (``save``, a training snapshot) its
+        generator file and the training state: a run killed before the state is saved redoes this segment and
+        writes the same files again."""
         row = self.metrics_row()
         row["preview"] = self._preview().relative_to(self.out).as_posix()
+        generator = self.generator_snapshot_path() if save else None
+        if generator is not None:
+            row["generator"] = generator.relative_to(self.out).as_posix()
         self.trainer.meta["metrics"] = [*self.trainer.meta.get("metrics", []), row]
-        if save:
+        if generator is not None:
+            self._save_generator_snapshot(generator, row)
             self.trainer.save_snapshot(self.snapshot_path)
         self._write_json("metrics.json", self.trainer.meta["metrics"])
         if on_snapshot is not None:

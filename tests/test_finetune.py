@@ -202,9 +202,16 @@ def colour_stats(images: torch.Tensor) -> np.ndarray:
     return np.array([a.mean().item(), (a.amax(1) < 0.2).float().mean().item(), *a.mean([0, 2, 3]).tolist()])
 
 
-def test_finetune_moves_samples_toward_the_toon_domain_with_lineage_and_report(tmp_path, base_path, toons):
-    run = FinetuneRun(tmp_path / "run", base_path, toons, settings())
-    result = run.run()
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, base_path, toons):
+    """One complete tiny run (3 snapshots), shared by the tests that read its files. No Inception weights."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TOONIFY_INCEPTION_PATH", raising=False)
+        return FinetuneRun(tmp_path_factory.mktemp("finished") / "run", base_path, toons, settings()).run()
+
+
+def test_finetune_moves_samples_toward_the_toon_domain_with_lineage_and_report(finished, base_path, toons):
+    result, tmp_path = finished, finished.out_dir.parent
     assert result.status == "done" and result.steps == 30 == steps_for(0.24, 8)
 
     z = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
@@ -228,7 +235,81 @@ def test_finetune_moves_samples_toward_the_toon_domain_with_lineage_and_report(t
     for r in (8, 16):
         assert (tmp_path / "run" / report["blend_previews"][str(r)]).is_file()
     assert all((tmp_path / "run" / row["preview"]).is_file() for row in result.metrics)
-    assert "KID(D)" in metrics_table(result.metrics)
+    head = metrics_table(result.metrics).splitlines()[0]
+    assert "KID(D)" in head and "FID" not in head  # no FID column without Inception weights
+
+
+def test_every_snapshot_is_a_loadable_generator_with_lineage(finished, base_path):
+    run_dir, rows = finished.out_dir, finished.metrics
+    names = sorted(p.name for p in (run_dir / "snapshots").iterdir())
+    assert names == ["kimg000000.080.safetensors", "kimg000000.160.safetensors", "kimg000000.240.safetensors"]
+    assert "generator" not in rows[0]  # the first row is the base model itself, not a snapshot
+    assert [row["generator"] for row in rows[1:]] == [f"snapshots/{n}" for n in names]
+    base_hash = content_hash(load_generator(base_path).state_dict())
+    hashes = []
+    for row in rows[1:]:
+        G = load_generator(run_dir / row["generator"])
+        meta = G.meta
+        assert meta["ancestors"] == [base_hash] and meta["base"]["content_hash"] == base_hash
+        assert meta["snapshot"] == {"kimg": row["kimg"], "step": row["step"], "metrics": row}
+        assert meta["training"]["steps"] == row["step"] and meta["metrics"][-1] == row
+        assert read_checkpoint(run_dir / row["generator"]).discriminator_state is None  # generators only
+        img = render(G, torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0)))
+        assert img.shape == (2, 3, RES, RES) and torch.isfinite(img).all()
+        hashes.append(meta["content_hash"])
+    assert len(set(hashes)) == 3  # training moved the weights between snapshots
+    final = load_generator(finished.checkpoint)
+    assert hashes[-1] == final.meta["content_hash"]  # the last snapshot is the toon model
+    assert torch.equal(load_generator(run_dir / rows[-1]["generator"]).w_avg, final.w_avg)
+
+
+def test_a_blend_of_a_snapshot_and_the_final_model_loads_and_renders(finished, base_path, tmp_path, capsys):
+    import warnings
+
+    from gan.blending import LineageWarning
+
+    run_dir = finished.out_dir
+    first, final = run_dir / finished.metrics[1]["generator"], finished.checkpoint
+    z = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LineageWarning)  # snapshots share the base: no warning
+        out = tmp_path / "snap_final.safetensors"
+        assert cli_main(["blend", str(first), str(final), "--swap", "8", "--out", str(out)]) == 0
+        G = load_generator(out)
+        assert set(G.meta["parents"].values()) == {load_generator(p).meta["content_hash"] for p in (first, final)}
+        img = render(G, z)
+        assert img.shape == (3, 3, RES, RES) and torch.isfinite(img).all()
+        assert not torch.equal(img, render(load_generator(final), z))
+
+        three = tmp_path / "three.safetensors"  # base for the fine layers, the snapshot's 4-8 px, the final 16 px
+        args = ["blend", str(base_path), str(first), str(final), "--shares", "1,1,1,1,0,0,0,0"]
+        assert cli_main([*args, "--shares", "0,0,0,0,1,1,0,0", "--out", str(three)]) == 0
+        G3 = load_generator(three)
+        assert G3.meta["blend_many"]["shares"][0] == [0, 0, 0, 0, 0, 0, 1, 1]
+        assert torch.isfinite(render(G3, z)).all()
+    assert "3 models" in capsys.readouterr().err
+
+
+def test_fid_beside_kid_where_inception_weights_are_configured(tmp_path, base_path, toons, monkeypatch):
+    from gan.inception import FIDInception
+
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(FIDInception().state_dict(), weights)  # random weights of the right layout: the wiring, not values
+    monkeypatch.setenv("TOONIFY_INCEPTION_PATH", str(weights))
+    tiny = settings(kimg=0.016, snapshot_kimg=0.016, metric_samples=4)
+    result = FinetuneRun(tmp_path / "run", base_path, toons, tiny, identity=False).run()
+    assert [row["step"] for row in result.metrics] == [0, 2]
+    for row in result.metrics:
+        assert row["fid"] > 0 and np.isfinite(row["kid_inception"]) and row["kid"] is not None
+        assert row["inception"].startswith("Inception-v3") and weights.name in row["inception"]
+    assert result.metrics[0]["fid"] != result.metrics[1]["fid"]
+    table = metrics_table(result.metrics)
+    head = table.splitlines()[0]
+    assert "FID" in head and "KID(I)" in head and "Inception: not available" not in table
+
+    monkeypatch.setenv("TOONIFY_INCEPTION_PATH", str(tmp_path / "absent.pth"))
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth"):  # configured but missing: an error, not a fallback
+        FinetuneRun(tmp_path / "run2", base_path, toons, tiny, identity=False)
 
 
 def test_frozen_layers_are_bit_identical_after_a_finetune(tmp_path, base_path, toons):
@@ -286,6 +367,11 @@ def test_a_run_killed_after_a_snapshot_resumes_to_the_uninterrupted_result(tmp_p
             assert torch.equal(state_a[k], state_b[k]), k
     assert a.meta["metrics"] == b.meta["metrics"]  # the same metrics table, the kill left no trace
     assert a.meta["training"]["aug_p"] == b.meta["training"]["aug_p"]
+    snaps = sorted(p.name for p in (straight.out_dir / "snapshots").iterdir())
+    assert len(snaps) == 5 and sorted(p.name for p in (out / "snapshots").iterdir()) == snaps
+    for name in snaps:  # every snapshot generator too, those written before the kill included
+        sa, sb = read_checkpoint(straight.out_dir / "snapshots" / name), read_checkpoint(out / "snapshots" / name)
+        assert sa.meta["content_hash"] == sb.meta["content_hash"] and sa.meta["snapshot"] == sb.meta["snapshot"]
 
 
 def test_cancel_keeps_a_snapshot_and_a_resume_finishes(tmp_path, base_path, toons):
