@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("platform", choices=FRONT_ENDS)
     s.add_argument("--with-worker", action="store_true")
     s.set_defaults(func=cmd_bot)
+    from bots.studio import add_studio_parser  # gradio itself loads only when the studio starts
+
+    add_studio_parser(sub)
     return p
 
 
