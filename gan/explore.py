@@ -371,7 +371,11 @@ def add_directions_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     )
     s.add_argument("--preview", help="write a grid: rows = components, columns = strengths (*.png)")
     s.add_argument("--preview-seeds", default="0", help="seeded faces in the preview (0)")
-    s.add_argument("--preview-strengths", default="-3,-1.5,0,1.5,3", help="strengths in std (-3,-1.5,0,1.5,3)")
+    s.add_argument(
+        "--preview-strengths",
+        default="-3,-1.5,0,1.5,3",
+        help="strengths in std; write --preview-strengths=-3,0,3 (default -3,-1.5,0,1.5,3)",
+    )
     _add_common(s)
     s.set_defaults(func=cmd_directions)
     return s
