@@ -411,3 +411,30 @@ def test_bases_in_every_format_with_a_discriminator_fine_tune_and_share_lineage(
     no_d = save_generator(G, tmp_path / "no_d.safetensors")
     with pytest.raises(CheckpointError, match="needs the base model's discriminator"):
         FinetuneRun(tmp_path / "x", no_d, toons, tiny)
+
+
+def test_bench_compare_quick_runs_six_recipes_over_three_seeds_with_spread(tmp_path):
+    out = tmp_path / "compare.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("TOONIFY_INCEPTION_PATH", None)
+    cmd = [sys.executable, "bench/finetune.py", "--compare", "--quick", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    labels = ["baseline", "FreezeD", "DiffAugment (p = 1)", "ADA", "FreezeD + DiffAugment", "FreezeD + ADA"]
+    assert [r["label"] for r in result["summary"]] == labels and result["seeds"] == [0, 1, 2]
+    assert len(result["runs"]) == 18 and result["inception"] is None
+    for row in result["summary"]:
+        runs = [r for r in result["runs"] if r["recipe"] == row["recipe"]]
+        assert row["n"] == 3 and sorted(r["seed"] for r in runs) == [0, 1, 2]
+        for key in ("kid_train", "kid_heldout"):
+            values = [r[key] for r in runs]
+            stat = row[key]
+            assert stat["min"] == min(values) and stat["max"] == max(values)
+            assert stat["mean"] == pytest.approx(np.mean(values))
+            assert stat["sd"] == pytest.approx(np.std(values, ddof=1))
+        assert "fid_heldout" not in row
+    assert (result["summary"][2]["aug_p"], result["summary"][0]["aug_p"]) == (1.0, None)  # DiffAugment p = 1
+    for label in labels:
+        assert f"| {label} (n=3) |" in proc.stdout
+    assert "FID: no Inception weights configured" in proc.stdout
