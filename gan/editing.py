@@ -124,7 +124,7 @@ def parse_layers(G: Generator | int, spec: str | Sequence[int] | None) -> list[i
         layers: list[int] = []
         for part in text.split(","):
             lo, _, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
+            layers.extend(range(int(lo), min(int(hi or lo), num_ws) + 1))  # capped: "0-99999999" stays small
         spec = layers
     layers = sorted({int(i) for i in spec})
     bad = [i for i in layers if not 0 <= i < num_ws]
@@ -442,7 +442,14 @@ def load_directions(path: str | Path, G: Generator | None = None) -> DirectionSe
         }  # fmt: skip
     except (ValueError, KeyError, TypeError) as e:
         raise DirectionsError(f"{path}: bad directions metadata ({e})") from e
-    if components.ndim != 2 or components.shape[1] != w_dim or scales.shape != (k,) or values.shape != (k,):
+    shapes_ok = all(d.vector.shape == (w_dim,) for d in named.values())
+    if (
+        components.ndim != 2
+        or components.shape[1] != w_dim
+        or scales.shape != (k,)
+        or values.shape != (k,)
+        or not shapes_ok
+    ):
         raise DirectionsError(f"{path}: tensors do not match the recorded w_dim {w_dim}")
     ds = DirectionSet(components, scales, values, meta, named)
     if G is not None:

@@ -126,7 +126,9 @@ def cmd_directions(args: argparse.Namespace) -> int:
     if args.method == "ganspace":
         components, values = ganspace_directions(G, n_samples=args.samples, top_k=args.top, seed=args.seed)
     else:  # SeFa factorises the layers it is told; the style convs among them
-        sefa_layers = [i for i in layers if i < G.num_ws - 1] or None
+        sefa_layers = [i for i in layers if i < G.num_ws - 1]
+        if not sefa_layers:
+            raise ValueError(f"SeFa needs a style conv among --layers {args.layers} (index {G.num_ws - 1} is a ToRGB)")
         components, values = sefa_directions(G, sefa_layers, top_k=args.top)
     scales = direction_scales(G, components, n_samples=args.samples, seed=args.seed)
     meta = directions_meta(G, args.method, style=style, top_k=args.top, n_samples=args.samples, seed=args.seed)
@@ -136,7 +138,8 @@ def cmd_directions(args: argparse.Namespace) -> int:
     if out.is_file():  # names an admin gave survive a recomputation for the same generator
         try:
             old = load_directions(out, G)
-        except ValueError:
+        except ValueError as e:
+            print(f"replacing {out} ({e})", file=sys.stderr)
             old = None
         if old is not None and old.named:
             ds.named.update(old.named)
