@@ -122,6 +122,8 @@ def cmd_directions(args: argparse.Namespace) -> int:
     preview_seeds = parse_seeds(args.preview_seeds)
     if not 1 <= args.top <= G.w_dim:
         raise ValueError(f"--top must be in 1…{G.w_dim}, got {args.top}")
+    if args.preview and Path(args.preview).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"write the preview as one of {', '.join(IMAGE_SUFFIXES)}, not {Path(args.preview).name!r}")
 
     if args.method == "ganspace":
         components, values = ganspace_directions(G, n_samples=args.samples, top_k=args.top, seed=args.seed)
@@ -187,15 +189,16 @@ def _directions_file(target: str, args: argparse.Namespace) -> Path:
 
 def cmd_name_direction(args: argparse.Namespace) -> int:
     path = _directions_file(args.dirs, args)
-    ds = name_direction(path, args.index, args.name, args.layers)
-    d = ds.named[args.name]
-    print(f"named in {path}: {d.describe()}", file=sys.stderr)
-    if args.register:
+    style = None
+    if args.register:  # checked before anything is written: a file for another generator is left as it was
         from gan.checkpoints import read_checkpoint
         from gan.styles import get_style
 
         style = get_style(args.register, _models_dir(args))
-        ds.check_generator(read_checkpoint(style.toon).meta["content_hash"])
+        load_directions(path).check_generator(read_checkpoint(style.toon).meta["content_hash"])
+    ds = name_direction(path, args.index, args.name, args.layers)
+    print(f"named in {path}: {ds.named[args.name].describe()}", file=sys.stderr)
+    if style is not None:
         register_directions(_models_dir(args), style.name, path)
         print(f"listed {path.name} as the directions of style {style.name!r} in the manifest", file=sys.stderr)
     return 0

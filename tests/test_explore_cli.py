@@ -252,6 +252,7 @@ def run_err(argv: list[str], capsys) -> tuple[int, str]:
         (["directions", "demo", "--top", "0", "--out", "{t}/d.safetensors"], "--top must be in 1…128"),
         (["directions", "{m}/base.safetensors", "--register"], "--register needs a style"),
         (["directions", "demo", "--out", "{t}/d.safetensors", "--preview-strengths", "a,b"], "bad strengths"),
+        (["directions", "demo", "--out", "{t}/d.safetensors", "--preview", "{t}/g.gif"], "write the preview"),
         (["directions", "demo", "--method", "sefa", "--layers", "9", "--out", "{t}/d.safetensors"],
          "SeFa needs a style conv among --layers 9"),
         (["list-directions", "{t}/none.safetensors"], "unknown style"),
@@ -279,6 +280,7 @@ def test_directions_made_for_another_generator_are_refused(models, tmp_path, cap
         ["name-direction", str(other), "0", "wide", "--register", "demo", "--models-dir", str(models)], capsys
     )
     assert rc == 2 and "made for generator 72b75da1d5c5" in err
+    assert "wide" not in load_directions(other).named  # refused before anything was written
 
 
 def test_a_style_without_directions(tmp_path, capsys):
