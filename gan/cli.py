@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "base.safetensors run/snapshots/kimg000004.000.safetensors run/toon.safetensors "
         "--shares 1,1,1,1,0,0,0,0,0,0 --shares 0,0,0,0,1,1,0.5,0.5,0,0 --out mix.safetensors",
     )
-    s.add_argument("base", help="base model (position 0 of --structure-from)")
+    s.add_argument("base", help="base model (model index 0 for --structure-from)")
     s.add_argument("toons", nargs="+", metavar="toon", help="toon model(s): a fine-tune result or a snapshot")
     s.add_argument("--swap", type=int, help="swap resolution (4..1024; default 32)")
     s.add_argument("--width", type=float, help="smooth transition width (logistic); omit for a hard swap")
