@@ -79,10 +79,15 @@ def _style_generators(args: argparse.Namespace, *, need_base: bool = True) -> tu
     return base, blend(base, toon, style.blend), f"style {style.name} ({style.blend.describe()})"
 
 
-def _save_image(image, out: str | Path) -> Path:
+def _image_path(out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"write the image as one of {', '.join(IMAGE_SUFFIXES)}, not {out.name!r}")
+    return out
+
+
+def _save_image(image, out: str | Path) -> Path:
+    out = _image_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return out
@@ -122,8 +127,8 @@ def cmd_directions(args: argparse.Namespace) -> int:
     preview_seeds = parse_seeds(args.preview_seeds)
     if not 1 <= args.top <= G.w_dim:
         raise ValueError(f"--top must be in 1…{G.w_dim}, got {args.top}")
-    if args.preview and Path(args.preview).suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"write the preview as one of {', '.join(IMAGE_SUFFIXES)}, not {Path(args.preview).name!r}")
+    if args.preview:
+        _image_path(args.preview)
 
     if args.method == "ganspace":
         components, values = ganspace_directions(G, n_samples=args.samples, top_k=args.top, seed=args.seed)
@@ -229,11 +234,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("give a PHOTO or --seed N (one of them)")
     from gan.styles import get_style
 
+    out = _image_path(args.out)  # refused before any model is loaded or photo projected
     models = _models_dir(args)
     style = get_style(args.style, models)
     ds = load_directions(args.directions) if args.directions else load_style_directions(style.name, models)
     direction = ds.get(args.direction, args.layers)
-    out = Path(args.out)
     if args.seed is not None:
         from gan.blending import blend
         from gan.checkpoints import load_generator
@@ -281,6 +286,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     if len(seeds) < 2:
         raise ValueError("style mixing needs two seeds or more: --seeds A,B[,C…]")
+    _image_path(args.out)
     mapper, renderer, label = _style_generators(args)
     layers = parse_layers(renderer, args.layers)
     ws = seed_latents(mapper, seeds, truncation=args.truncation)

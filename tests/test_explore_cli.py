@@ -252,7 +252,7 @@ def run_err(argv: list[str], capsys) -> tuple[int, str]:
         (["directions", "demo", "--top", "0", "--out", "{t}/d.safetensors"], "--top must be in 1…128"),
         (["directions", "{m}/base.safetensors", "--register"], "--register needs a style"),
         (["directions", "demo", "--out", "{t}/d.safetensors", "--preview-strengths", "a,b"], "bad strengths"),
-        (["directions", "demo", "--out", "{t}/d.safetensors", "--preview", "{t}/g.gif"], "write the preview"),
+        (["directions", "demo", "--out", "{t}/d.safetensors", "--preview", "{t}/g.gif"], "not 'g.gif'"),
         (["directions", "demo", "--method", "sefa", "--layers", "9", "--out", "{t}/d.safetensors"],
          "SeFa needs a style conv among --layers 9"),
         (["list-directions", "{t}/none.safetensors"], "unknown style"),
