@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -272,7 +272,7 @@ class StudioModels:
             return Directions(note="No directions for this style: its directions file holds none.")
         named = len(ds.named)
         note = f"{named} named direction{'s' * (named != 1)}" + (
-            f", then unnamed {ds.method} components (name one with `toonify directions --name`)"
+            f", then unnamed {ds.method} components (name one: `toonify name-direction STYLE INDEX NAME`)"
             if len(items) > min(named, MAX_DIRECTION_SLIDERS)
             else ""
         )
@@ -412,8 +412,9 @@ class StudioModels:
 class Publisher:
     """'Publish this blend': the service, opened on first use in the server's event loop."""
 
-    def __init__(self, admin_token: str | None) -> None:
+    def __init__(self, admin_token: str | None, models_dir: Path | None = None) -> None:
         self.admin_token = admin_token
+        self.models_dir = models_dir  # the studio's manifest: the service must know the same styles
         self._service = None
         self._opening = asyncio.Lock()
 
@@ -423,9 +424,13 @@ class Publisher:
     async def service(self):
         async with self._opening:
             if self._service is None:
+                from backend.config import Settings
                 from backend.service import ToonService
 
-                self._service = await ToonService.open()
+                settings = Settings.from_env()
+                if self.models_dir is not None:
+                    settings = replace(settings, models_dir=self.models_dir.expanduser().absolute())
+                self._service = await ToonService.open(settings)
             return self._service
 
     async def publish(self, source: Source, spec: BlendSpec, platform: str, community: str, admin_token: str) -> str:
@@ -774,7 +779,14 @@ def cmd_studio(args: argparse.Namespace) -> int:
         models_dir=models_dir,
     )
     asyncio.run(
-        serve_studio(models, Publisher(admin_token), host=args.host, port=args.port, token=token, show_token=show_token)
+        serve_studio(
+            models,
+            Publisher(admin_token, models_dir),
+            host=args.host,
+            port=args.port,
+            token=token,
+            show_token=show_token,
+        )
     )
     return 0
 
