@@ -66,7 +66,9 @@ def _record(d: Delivery) -> DeliveryRecord:
 
 
 def result_items(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """(file name, sha256) of every photo of a toon result, composite first."""
+    """(file name, sha256) of every photo of a toon result, composite first; a sweep's one animation."""
+    if "animation" in result:
+        return [(f"sweep.{result.get('format', 'gif')}", result["animation"])]
     crops = [(f"face{i + 1}.png", sha) for i, sha in enumerate(result.get("crops") or [])]
     return [("toon.png", result["composite"]), *crops]
 
@@ -130,7 +132,7 @@ class DeliveryBook:
             if not rows:
                 of_delivery = sa.select(Delivery.job_id).where(Delivery.id == delivery_id).scalar_subquery()
                 job = await s.scalar(sa.select(Job).where(Job.id == of_delivery))
-                if job is None or not job.result or "composite" not in job.result:
+                if job is None or not job.result or not ({"composite", "animation"} & set(job.result)):
                     return []
                 rows = [
                     DeliveryItem(delivery_id=delivery_id, position=i, name=name, sha256=sha)

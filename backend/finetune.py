@@ -168,4 +168,5 @@ async def run_finetune(w: WorkerState, job: Job) -> dict[str, Any]:
         metrics=result.metrics[-1] if result.metrics else None,
         dataset=counts,
         report=str(work / "report.json"),
+        summary=snapshot_message(result.metrics[-1]) if result.metrics else None,
     ).to_json()

@@ -412,9 +412,10 @@ class FinetuneResult:
     metrics: dict[str, Any] | None = None  # the last snapshot's metrics row
     dataset: dict[str, Any] = field(default_factory=dict)  # ingestion counts (kept, refused, duplicates…)
     report: str | None = None  # path of the run's report.json
+    summary: str | None = None  # the last snapshot's metrics in one line (KID, identity), as chats show it
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "style": self.style,
             "checkpoint": self.checkpoint,
             "images": self.images,
@@ -423,6 +424,9 @@ class FinetuneResult:
             "dataset": self.dataset,
             "report": self.report,
         }
+        if self.summary is not None:
+            d["summary"] = self.summary
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FinetuneResult:
@@ -434,6 +438,7 @@ class FinetuneResult:
             metrics=d.get("metrics"),
             dataset=dict(d.get("dataset") or {}),
             report=d.get("report"),
+            summary=d.get("summary"),
         )
 
 

@@ -32,18 +32,18 @@ from arq import Retry
 from arq.cron import cron
 from arq.worker import Worker, func
 from PIL import Image
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from backend import ledger, metrics
 from backend.batching import ProjectionBatcher
 from backend.config import Settings
-from backend.db.models import Blob, BlobKind, CachedLatent, Job, JobKind, JobStatus, Student, StyleModel, utcnow
+from backend.db.models import Blob, BlobKind, Job, JobKind, JobStatus, Student, StyleModel
 from backend.distill import run_distill
 from backend.errors import BadInputError, JobCancelledError, UnavailableError
+from backend.explore import run_edit, run_sweep
 from backend.finetune import run_finetune
 from backend.jobs import PreviewParams, ToonParams, ToonResult, queue_of
 from backend.keys import QUEUE_NAMES, STATS_KEY
+from backend.latents import PROBE_PSI, PROBE_SEEDS, cached_latents, face_seeds, store_latents
 from backend.ledger import enqueue, store_blob
 from backend.logs import JOB_ID
 from backend.model_cache import ModelCache
@@ -71,12 +71,6 @@ class RedisLostError(UnavailableError):
 
     def __init__(self, detail: str) -> None:
         super().__init__("redis", detail)
-
-
-def face_seeds(faces: int) -> list[int]:
-    """Seed per face: the face's index, as ``toonify toon`` uses. The same photo gives the same pixels in every
-    run, alone or in a batch (each face has its own generator), whatever the job's random id."""
-    return list(range(faces))
 
 
 # ------------------------------------------------------------------------------------------------ toon job
@@ -269,7 +263,7 @@ async def _projected(
     """Project the faces (or reuse the latents cached for this photo and mode), then render them at ``spec``."""
     rt, mode, progress = w.rt, ToonParams.from_json(job.params).mode, w.progress[job.id]
     base_hash = generator_hash(tf.base)
-    latents = await _cached_latents(rt, job.user_id, sha, base_hash, mode, len(faces))
+    latents = await cached_latents(rt, job.user_id, sha, base_hash, mode, len(faces))
     if latents is None:
         from gan.pipeline import to_tensor
 
@@ -286,7 +280,7 @@ async def _projected(
             )
         except ProjectionCancelledError as e:
             raise JobCancelledError(str(e)) from e
-        await _store_latents(rt, job.user_id, sha, base_hash, mode, latents)
+        await store_latents(rt, job.user_id, sha, base_hash, mode, latents)
     await w.check_cancel(job.id)
     progress("render", 0, 1, "drawing the toon")
     return await w.batcher.call(tf.render, latents, spec)
@@ -344,14 +338,19 @@ async def _mark_student(rt: Runtime, student_id: int, status: str) -> None:
 
 
 async def _toon_or_preview(w: WorkerState, job: Job) -> dict[str, Any]:
-    return await (_preview(w, job) if job.kind == JobKind.PREVIEW else _toon(w, job))
-
-
-PROBE_SEEDS = (1, 2, 3, 4)  # the same probe faces for every poll, so polls are comparable
+    """The toon queue's jobs by kind: toons and re-blends, poll grids, /edit and /sweep (backend.explore)."""
+    if job.kind == JobKind.PREVIEW:
+        return await _preview(w, job)
+    if job.kind == JobKind.EDIT:
+        return await run_edit(w, job)
+    if job.kind == JobKind.SWEEP:
+        return await run_sweep(w, job)
+    return await _toon(w, job)
 
 
 async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
-    """A poll's grid: one row per candidate blend, the same probe faces in every row, labelled 1..N."""
+    """A poll's grid: one row per candidate blend, the same probe faces in every row, labelled 1..N. A snapshot
+    poll's rows are its snapshots (each a generator file) at its blend."""
     from PIL import ImageDraw
 
     from gan.images import z_from_seeds
@@ -367,13 +366,17 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
     def probe_ws() -> torch.Tensor:
         with torch.no_grad():
             z = z_from_seeds(list(PROBE_SEEDS), tf.base.z_dim).to(tf.device)
-            return tf.base.mapping(z, truncation_psi=0.7).unsqueeze(1).expand(-1, tf.base.num_ws, -1)
+            return tf.base.mapping(z, truncation_psi=PROBE_PSI).unsqueeze(1).expand(-1, tf.base.num_ws, -1)
 
     ws = await w.batcher.call(probe_ws)
     rows = []
     for i, spec in enumerate(p.specs):
         await w.check_cancel(job.id)
-        faces = await w.batcher.call(tf.render, ws, spec)
+        row_tf = tf
+        if i < len(p.checkpoints):  # a snapshot poll: this row's generator
+            path = stored_path(rt.settings.data_dir, p.checkpoints[i])
+            row_tf = await w.batcher.call(w.models.toonifier, w.base_models, path)
+        faces = await w.batcher.call(row_tf.render, ws, spec)
         r = faces[0].width
         row = Image.new("RGB", (r * len(faces) + r // 2, r), "white")
         for j, face in enumerate(faces):
@@ -401,39 +404,6 @@ def _png(image: Image.Image) -> bytes:
 async def _store_result(rt: Runtime, user_id: int, data: bytes, retention_s: int) -> str:
     sha, _ = await store_blob(rt, user_id, data, "image/png", BlobKind.RESULT, retention_s)
     return sha
-
-
-async def _cached_latents(
-    rt: Runtime, user_id: int, sha: str, base_hash: str, mode: str, faces: int
-) -> torch.Tensor | None:
-    async with rt.sessions() as s:
-        row = await s.scalar(
-            sa.select(CachedLatent).where(
-                CachedLatent.user_id == user_id,
-                CachedLatent.image_sha256 == sha,
-                CachedLatent.base_hash == base_hash,
-                CachedLatent.mode == mode,
-            )
-        )
-    if row is None:
-        return None
-    latents = st_load(row.data)["latents"]
-    return latents if latents.shape[0] == faces else None
-
-
-async def _store_latents(rt: Runtime, user_id: int, sha: str, base_hash: str, mode: str, latents) -> None:
-    data = st_save({"latents": latents.detach().cpu().contiguous()})
-    expires = utcnow() + timedelta(seconds=rt.settings.selfie_retention_s)
-    async with rt.sessions() as s:
-        s.add(
-            CachedLatent(
-                user_id=user_id, image_sha256=sha, base_hash=base_hash, mode=mode, data=data, expires_at=expires
-            )
-        )
-        try:
-            await s.commit()
-        except sa.exc.IntegrityError:  # already cached by an earlier delivery of this job
-            await s.rollback()
 
 
 # ------------------------------------------------------------------------------------------------ running

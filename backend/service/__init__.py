@@ -6,10 +6,10 @@ community) and where (:class:`Place`); the service keeps users, communities and 
 that on every call, checks roles, quotas and input, writes the job row, and enqueues. Job ids are stable and
 idempotent: the same photo with the same options from the same person is one job.
 
-:class:`ToonService` is one façade over four parts, each usable alone on a Runtime: styles
-(:mod:`backend.service.styles`), jobs (:mod:`~backend.service.jobs`), polls (:mod:`~backend.service.polls`)
-and privacy (:mod:`~backend.service.privacy`). A database or Redis that cannot be reached raises
-:class:`~backend.errors.UnavailableError` naming it.
+:class:`ToonService` is one façade over five parts, each usable alone on a Runtime: styles
+(:mod:`backend.service.styles`), jobs (:mod:`~backend.service.jobs`), polls (:mod:`~backend.service.polls`),
+privacy (:mod:`~backend.service.privacy`) and the latent space (:mod:`~backend.service.explore`: /edit,
+/sweep). A database or Redis that cannot be reached raises :class:`~backend.errors.UnavailableError` naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from backend.config import Settings
 from backend.errors import UnavailableError
 from backend.runtime import Runtime, open_runtime
+from backend.service.explore import DirectionsInfo, ExploreCommands, SweepOutput
 from backend.service.jobs import JobCommands
 from backend.service.polls import PollCommands
 from backend.service.privacy import PrivacyCommands
@@ -40,6 +41,7 @@ __all__ = [
     "BLEND_LEVELS",
     "MAX_DATASET_BYTES",
     "Actor",
+    "DirectionsInfo",
     "ForgetReport",
     "JobTicket",
     "Place",
@@ -47,6 +49,7 @@ __all__ = [
     "PollOptionInfo",
     "QuotaError",
     "StyleInfo",
+    "SweepOutput",
     "ToonOutput",
     "ToonService",
     "UnavailableError",
@@ -54,7 +57,7 @@ __all__ = [
 ]
 
 
-class ToonService(StyleCommands, JobCommands, PollCommands, PrivacyCommands):
+class ToonService(StyleCommands, JobCommands, PollCommands, PrivacyCommands, ExploreCommands):
     """Open with ``await ToonService.open(settings)`` (or over an existing Runtime); ``await close()``."""
 
     def __init__(self, rt: Runtime) -> None:

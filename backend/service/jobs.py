@@ -209,7 +209,7 @@ class JobCommands(Concern):
         except FileNotFoundError as e:
             raise NotFoundError("this result has expired or was deleted") from e
         spec: dict[str, Any] = r.spec.to_json() if r.spec else {}
-        return ToonOutput(job.id, composite, crops, r.style, spec, r.faces, r.too_small, r.mode)
+        return ToonOutput(job.id, composite, crops, r.style, spec, r.faces, r.too_small, r.mode, r.edits)
 
     async def claim_delivery(self, job_id: str) -> bool:
         """True for exactly one caller per finished job: the front end that should send the result."""

@@ -146,9 +146,20 @@ class StyleCommands(Concern):
 
     @names_redis
     async def start_finetune(
-        self, actor: Actor, place: Place | None, name: str, dataset: bytes, *, steps: int = 400
+        self,
+        actor: Actor,
+        place: Place | None,
+        name: str,
+        dataset: bytes,
+        *,
+        steps: int | None = None,
+        snapshot_every: int | None = None,
     ) -> JobTicket:
-        """Admins: store a zip of images and queue a fine-tune of the base model into draft style ``name``."""
+        """Admins: store a zip of images and queue a fine-tune of the base model into draft style ``name``:
+        ``steps`` batches (default TOONIFY_FINETUNE_STEPS), a snapshot every ``snapshot_every`` (default
+        TOONIFY_FINETUNE_SNAPSHOT_EVERY)."""
+        steps = steps or self.rt.settings.finetune_steps
+        snapshot_every = snapshot_every or self.rt.settings.finetune_snapshot_every
         await self.require_admin(actor, place)
         name = name.strip().lower()
         if not name or len(name) > 32 or not all(c.isalnum() or c in "-_" for c in name):
@@ -188,8 +199,11 @@ class StyleCommands(Concern):
             s.add(ds)
             await s.commit()
             ds_id = ds.id
-        params = FinetuneParams(style_id=style_id, dataset_id=ds_id, steps=steps, style=name)
-        key = hashlib.sha256(f"finetune:{comm_id}:{name}:{sha}:{steps}".encode()).hexdigest()
+        params = FinetuneParams(
+            style_id=style_id, dataset_id=ds_id, steps=steps, style=name, snapshot_every=snapshot_every
+        )
+        ident = f"finetune:{comm_id}:{name}:{sha}:{steps}" + (f":{snapshot_every}" if snapshot_every != 50 else "")
+        key = hashlib.sha256(ident.encode()).hexdigest()
         created = await ledger.create_job(self.rt, NewJob(key, JobKind.FINETUNE, user_id, comm_id, params))
         return JobTicket(created.job_id, created.status.value, duplicate=created.duplicate)
 

@@ -55,6 +55,7 @@ class ToonOutput:
     faces: int
     too_small: int
     mode: str = ""  # how it was made: instant (the style's student network), fast, balanced or quality
+    edits: tuple[tuple[str, float], ...] = ()  # an /edit: (named direction, strength) applied
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class PollInfo:
     winner: int | None = None
     preview_job_id: str | None = None  # renders the grid of options on probe faces (watch it, then result())
     distill_job_id: str | None = None  # close_poll: the job training the new default blend's instant model
+    snapshots: bool = False  # a vote between a fine-tune's snapshots (at one blend) rather than between blends
 
 
 @dataclass(frozen=True)
