@@ -694,6 +694,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(address)
+    sock.listen(128)  # listening before the address is printed: an early visitor waits rather than being refused
     return sock
 
 
@@ -757,12 +758,12 @@ async def serve_studio(
 
 
 def cmd_studio(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the studio calls no one
     try:
         import gradio  # noqa: F401
     except ImportError:
         print("toonify studio needs gradio: pip install 'toonify[studio]'", file=sys.stderr)
         return 2
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     token = args.token or os.environ.get(TOKEN_ENV) or None
     show_token = token is None
     token = token or secrets.token_urlsafe(24)

@@ -80,7 +80,7 @@ def models_dir(tmp_path_factory) -> Path:
 def _read_line(proc: subprocess.Popen, deadline: float) -> str:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the studio exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            raise RuntimeError(f"the studio exited with {proc.returncode}; see its studio.stderr")
         ready, _, _ = select.select([proc.stdout], [], [], 0.5)
         if ready:
             return proc.stdout.readline()
@@ -91,7 +91,41 @@ def _read_line(proc: subprocess.Popen, deadline: float) -> str:
 def studio(models_dir, tmp_path_factory):
     """The running studio: (base URL, data folder). SIGTERM at the end must stop it cleanly (exit 0)."""
     data = tmp_path_factory.mktemp("studio-data")
+    args = ["--token", TOKEN, "--admin-token", ADMIN_TOKEN, "--models-dir", str(models_dir)]
+    args += ["--checkpoint", str(DEMO_DIR / "toon.safetensors")]  # stands in for a fine-tune snapshot
+    proc, line = _start_studio(args, data)
+    try:
+        assert "serving at http://127.0.0.1:" in line, line
+        url = line.split("serving at ")[1].split()[0]
+        assert TOKEN not in line  # a token given by the operator is never printed
+        assert _listening_on(int(url.rsplit(":", 1)[1].strip("/"))) in ({"127.0.0.1"}, None)
+        yield url, data
+    finally:
+        code = _stop(proc)
+        assert code == 0, (data / "studio.stderr").read_text()[-3000:]
+
+
+def _listening_on(port: int) -> set[str] | None:
+    """The local addresses of the sockets listening on ``port`` (from /proc/net/tcp*; None where there is none)."""
+    found, tables = set(), [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return None
+    for table in tables:
+        for row in table.read_text().splitlines()[1:] if table.exists() else ():
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+                else:
+                    found.add(address)
+    return found
+
+
+def _start_studio(args: list[str], data: Path) -> tuple[subprocess.Popen, str]:
+    """Start ``toonify studio --port 0 ARGS`` with its own data folder; returns it and its first line."""
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "TOONIFY_MODELS_DIR")}
+    env.pop("TOONIFY_STUDIO_TOKEN", None)
     env.update(
         TOONIFY_DATA_DIR=str(data),
         OMP_NUM_THREADS="1",
@@ -100,24 +134,24 @@ def studio(models_dir, tmp_path_factory):
         TOONIFY_DISTILL_KIMG="0.1",
     )
     cmd = [sys.executable, "-c", "from bots.cli import main; raise SystemExit(main())", "studio", "--port", "0"]
-    cmd += ["--token", TOKEN, "--admin-token", ADMIN_TOKEN, "--models-dir", str(models_dir)]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )  # stderr is read only if it dies: the studio logs little
+    with open(data / "studio.stderr", "w") as stderr:  # a file: a pipe nobody reads could fill and block it
+        proc = subprocess.Popen([*cmd, *args], env=env, cwd=data, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
-        line = _read_line(proc, time.monotonic() + STARTUP_S)
-        assert "serving at http://127.0.0.1:" in line, line
-        url = line.split("serving at ")[1].split()[0]
-        assert TOKEN not in line  # a token given by the operator is never printed
-        yield url, data
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        assert code == 0, proc.stderr.read()[-3000:]
+        return proc, _read_line(proc, time.monotonic() + STARTUP_S)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +206,23 @@ def test_a_client_with_a_wrong_token_is_refused(studio):
         gradio_client.Client(url, headers={"Authorization": "Bearer wrong"}, verbose=False, analytics_enabled=False)
 
 
+def test_without_a_token_one_is_made_and_printed_once(models_dir, tmp_path):
+    import httpx
+
+    proc, line = _start_studio(["--models-dir", str(models_dir)], tmp_path)
+    try:
+        assert "open http://127.0.0.1:" in line and "?token=" in line, line
+        url, token = line.split("open ")[1].split()[0].split("?token=")
+        assert len(token) >= 24
+        with httpx.Client(timeout=30) as http:
+            assert http.get(url).status_code == 401
+            assert http.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            assert http.get(url, headers={"Authorization": f"Bearer {token}x"}).status_code == 401
+    finally:
+        assert _stop(proc) == 0
+    assert token not in proc.stdout.read()  # printed once, with the address
+
+
 # -------------------------------------------------------------------------------------------------- preview
 
 
@@ -216,6 +267,17 @@ def test_a_style_without_directions_says_so(client):
     plain, _ = _preview(client, 16, style="plain")
     moved, _ = _preview(client, 16, style="plain", edits=[2.0, *NO_EDIT[1:]])
     assert np.array_equal(plain, moved)
+
+
+def test_a_snapshot_previews_and_cannot_be_published(client):
+    snapshot = "snapshot: toon.safetensors"
+    chosen = client.predict(snapshot, api_name="/choose")
+    assert "No directions for this snapshot" in chosen[3]
+    low, caption = _preview(client, 8, style=snapshot)
+    high, _ = _preview(client, 32, style=snapshot)
+    assert snapshot in caption and np.abs(low - high).mean() > 1.0
+    with pytest.raises(Exception, match="not a style the bots serve"):
+        client.predict(snapshot, 8, 0.0, "toon", "telegram", "-1002", ADMIN_TOKEN, api_name="/publish")
 
 
 def test_style_mixing_grid(client):
@@ -306,14 +368,15 @@ async def _screenshot_preview(browser: str, url: str, profile: Path) -> tuple[by
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    ws_url = None
     try:
-        ws_url = None
         while ws_url is None:
             line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
             if not line:
                 raise RuntimeError("chromium exited before it listened")
             if "DevTools listening on" in line:
                 ws_url = line.split("listening on", 1)[1].strip()
+        drain = asyncio.create_task(proc.stderr.read())  # keep reading: a full pipe would stall the browser
         port = ws_url.split(":")[2].split("/")[0]
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
@@ -357,6 +420,8 @@ async def _screenshot_preview(browser: str, url: str, profile: Path) -> tuple[by
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         await proc.wait()
+        if ws_url is not None:
+            await drain
 
 
 def test_the_page_renders_the_preview_in_chromium(studio, tmp_path):
