@@ -174,9 +174,9 @@ def face_grid(rows: list[list[Image.Image | None]], labels: list[str] | None = N
             if face is not None:
                 grid.paste(face, (pad + c * (size + pad), pad + r * (size + pad)))
         if labels and labels[r]:
-            draw.text(
-                (pad + 3, pad + r * (size + pad) + 2), labels[r], fill="white", stroke_width=2, stroke_fill="black"
-            )
+            # bottom left: the page puts the image's own label over its top left corner
+            where = (pad + 3, pad + r * (size + pad) + size - 14)
+            draw.text(where, labels[r], fill="white", stroke_width=2, stroke_fill="black")
     return grid
 
 
@@ -651,14 +651,15 @@ def build_blocks(models: StudioModels, publisher: Publisher):
             api_name="choose",
         )
         chosen.then(preview, preview_inputs, preview_outputs, api_visibility="private")
-        for control in (level, structure, seed):
-            control.change(
-                preview, preview_inputs, preview_outputs, api_visibility="private", trigger_mode="always_last"
-            )
-        for control in (width, truncation, *sliders):
-            control.release(
-                preview, preview_inputs, preview_outputs, api_visibility="private", trigger_mode="always_last"
-            )
+        # User edits only (.input): choosing a style sets the controls itself and renders once, above.
+        gr.on(
+            [c.input for c in (level, width, structure, seed, truncation, *sliders)],
+            preview,
+            preview_inputs,
+            preview_outputs,
+            api_visibility="private",
+            trigger_mode="always_last",
+        )
         mix_button.click(mix, [*blend_inputs, seed, truncation, mix_seeds, group], [mix_image], api_name="mix")
         toon_button.click(toonify, [*blend_inputs, photo, mode, *sliders], [toon_image, toon_note], api_name="toonify")
         publish_button.click(
