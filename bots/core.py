@@ -5,7 +5,11 @@ that knows how to send and edit messages there; the core parses and validates, c
 replies, progress and errors as :class:`Reply` objects. Progress goes into one message, edited at most every
 ``progress_interval_s`` and never with unchanged content; the result is sent as a new message with buttons for
 the next step. Button actions are short strings (Telegram's callback data holds at most 64 bytes):
-``b:<level>`` re-blend my last toon, ``v:<poll>:<option>`` vote, ``c:<job>`` cancel.
+``b:<level>`` re-blend my last toon, ``e:<direction>:<strength>`` edit my last toon, ``v:<poll>:<option>`` vote,
+``c:<job>`` cancel.
+
+A fine-tune's progress message also gets a new message per snapshot: its preview grid with its KID and identity
+line, as the worker publishes them; the final message carries the last snapshot's metrics.
 
 Results are delivered through :mod:`backend.delivery`: following a job records where its result goes, each photo
 is marked sent once the platform confirmed it, and a restarted bot (:func:`keep_deliveries`) carries on what a
@@ -31,6 +35,8 @@ from bots.strings import STRINGS, t
 
 log = logging.getLogger("toonify.bots")
 MODES = ("instant", "fast", "balanced", "quality")  # words /toon understands; none named: the service decides
+EXPLAINED_STAGES = ("reproject",)  # progress that explains a wait: shown at once, whatever the throttle
+SNAPSHOT_WORDS = ("snapshots", "snapshot")  # /blend vote snapshots STYLE: a vote between a fine-tune's snapshots
 BLEND_BUTTONS = (8, 16, 32, 64)
 ORIGIN = "origin"  # Conversation.edit(ORIGIN, …): the message whose button was pressed
 IN_FLIGHT_WAIT_S = 30.0  # at shutdown, how long a message already on its way may take to be confirmed
@@ -60,12 +66,14 @@ class Button:
 class Reply:
     text: str
     images: list[tuple[str, bytes]] = field(default_factory=list)  # (filename, PNG bytes)
+    animation: tuple[str, bytes] | None = None  # (filename, GIF or WebP bytes): /sweep; sent alone, not edited in
     buttons: list[list[Button]] = field(default_factory=list)  # rows of buttons
     ephemeral: bool = False  # only the actor sees it, where the platform can do that
     continues: bool = False  # more photos of the result just sent: no reply to the command again
 
     def same_as(self, other: Reply | None) -> bool:
-        return other is not None and (self.text, self.buttons) == (other.text, other.buttons) and not self.images
+        same = other is not None and (self.text, self.buttons) == (other.text, other.buttons)
+        return same and not self.images and self.animation is None
 
 
 class Conversation(Protocol):
@@ -153,6 +161,8 @@ class CommandCore:
             "distill": self._distill,
             "publish": self._publish,
             "poll": self._poll,
+            "edit": self._edit,
+            "sweep": self._sweep,
         }.get(cmd.name)
         metrics.BOT_COMMANDS.labels(platform=cmd.actor.platform, command=cmd.name if handler else "unknown").inc()
         try:
@@ -174,6 +184,10 @@ class CommandCore:
         try:
             if kind == "b":
                 await self._reblend(actor, place, int(rest), conv, locale)
+            elif kind == "e":
+                direction, _, strength = rest.rpartition(":")
+                ticket = await self.service.edit_last(actor, place, direction, float(strength))
+                await self.follow(ticket.job_id, conv, locale)
             elif kind == "v":
                 poll_id, _, position = rest.partition(":")
                 info = await self.service.vote(actor, place, int(poll_id), int(position))
@@ -221,6 +235,11 @@ class CommandCore:
     async def _blend(self, cmd: Command, conv: Conversation) -> None:
         level = cmd.options.get("resolution")
         if level is None and cmd.args and cmd.args[0].lower() == "vote":
+            words = [a for a in cmd.args[1:] if not a.isdigit()]
+            if cmd.options.get("snapshots") or (words and words[0].lower() in SNAPSHOT_WORDS):
+                style = cmd.options.get("style") or next(iter(words[1:]), None)
+                await self._start_poll(cmd, conv, (), snapshots_of=style or "")
+                return
             levels = tuple(int(a) for a in cmd.args[1:] if a.isdigit()) or (8, 16, 32)
             await self._start_poll(cmd, conv, levels)
             return
@@ -236,6 +255,31 @@ class CommandCore:
     ) -> None:
         ticket = await self.service.reblend(actor, place, level, style=style)
         await self.follow(ticket.job_id, conv, locale)
+
+    async def _edit(self, cmd: Command, conv: Conversation) -> None:
+        """``/edit NAME STRENGTH``: the last toon moved along a named direction of its style (no new upload);
+        ``/edit`` alone lists the directions."""
+        name = cmd.options.get("direction") or (cmd.args[0] if cmd.args else None)
+        strength = cmd.options.get("strength")
+        if strength is None and len(cmd.args) > 1:
+            try:
+                strength = float(cmd.args[1].replace(",", "."))
+            except ValueError:
+                strength = None
+        if not name or strength is None:
+            found = await self.service.directions(cmd.actor, cmd.place)
+            names = ", ".join(found.names)
+            key = "edit_usage" if found.names else "edit_no_directions"
+            await conv.send(Reply(t(key, cmd.locale, style=found.style, names=names), ephemeral=True))
+            return
+        ticket = await self.service.edit_last(cmd.actor, cmd.place, name, float(strength))
+        await self.follow(ticket.job_id, conv, cmd.locale)
+
+    async def _sweep(self, cmd: Command, conv: Conversation) -> None:
+        """``/sweep [style]``: an animation of the last toon (or probe faces) over the blend levels."""
+        style = cmd.options.get("style") or (cmd.args[0] if cmd.args else None)
+        ticket = await self.service.sweep(cmd.actor, cmd.place, style=style)
+        await self.follow(ticket.job_id, conv, cmd.locale)
 
     async def _style(self, cmd: Command, conv: Conversation) -> None:
         name = cmd.options.get("name") or (cmd.args[0] if cmd.args else None)
@@ -306,8 +350,14 @@ class CommandCore:
             await conv.send(Reply(t("distill_auto", locale)))
             await self.follow(job_id, conv, locale)
 
-    async def _start_poll(self, cmd: Command, conv: Conversation, levels: tuple[int, ...]) -> None:
-        info = await self.service.start_blend_poll(cmd.actor, cmd.place, style=cmd.options.get("style"), levels=levels)
+    async def _start_poll(
+        self, cmd: Command, conv: Conversation, levels: tuple[int, ...], snapshots_of: str | None = None
+    ) -> None:
+        if snapshots_of is not None:  # /blend vote snapshots STYLE: the fine-tune's snapshots at the style's blend
+            info = await self.service.start_snapshot_poll(cmd.actor, cmd.place, snapshots_of)
+        else:
+            style = cmd.options.get("style")
+            info = await self.service.start_blend_poll(cmd.actor, cmd.place, style=style, levels=levels)
         handle = await conv.send(self._poll_reply(info, cmd.locale))
         if info.preview_job_id:  # the grid of candidates arrives when the worker has drawn it
             async for ev in self.service.watch(info.preview_job_id, timeout_s=600):
@@ -325,9 +375,12 @@ class CommandCore:
                 text = t("poll_closed_none", locale)
             else:
                 text = t("poll_closed", locale, winner=f"{info.winner} ({info.options[info.winner - 1].label})")
+                if info.snapshots:
+                    text += "\n" + t("poll_snapshot_won", locale, style=info.style)
             return Reply(f"{text}\n{t('poll_tally', locale, tally=tally)}")
         closes = info.closes_at.strftime("%Y-%m-%d %H:%M UTC")
-        text = t("poll", locale, style=info.style, labels=labels, closes=closes)
+        key = "poll_snapshots" if info.snapshots else "poll"
+        text = t(key, locale, style=info.style, labels=labels, closes=closes)
         text += "\n" + t("poll_tally", locale, tally=tally)
         buttons = [
             [
@@ -380,21 +433,36 @@ class CommandCore:
         """Progress edits (throttled, never unchanged) until the job ends; returns its last event (None: no end)."""
         cancel = self._cancel_buttons(job_id, locale)
         last_edit, last_working = (time.monotonic() if shown else 0.0), 0.0
+        posted: set[str] = set()  # snapshot previews already posted
+        shown_stage: str | None = None
         async with contextlib.aclosing(self.service.watch(job_id, timeout_s=3600)) as events:
             async for ev in events:
                 if ev.terminal:
                     return ev
+                if ev.preview and ev.preview not in posted:  # a fine-tune snapshot: its grid and metrics
+                    posted.add(ev.preview)
+                    await self._post_snapshot(conv, ev, locale)
                 now = time.monotonic()
                 if now - last_working >= self.working_every_s:
                     last_working = now
                     with contextlib.suppress(Exception):
                         await conv.working()
                 reply = Reply(self._progress_text(ev, locale), buttons=cancel)
-                if reply.same_as(shown) or now - last_edit < self.progress_interval_s:
+                news = ev.stage in EXPLAINED_STAGES and ev.stage != shown_stage  # says why this takes a while
+                if reply.same_as(shown) or (now - last_edit < self.progress_interval_s and not news):
                     continue  # throttled, and never an identical edit
                 await self._safe_edit(conv, handle, reply)
-                shown, last_edit = reply, now
+                shown, last_edit, shown_stage = reply, now, ev.stage
         return None
+
+    async def _post_snapshot(self, conv: Conversation, ev, locale: str) -> None:
+        """One message per fine-tune snapshot: the preview grid, captioned with its KID and identity line."""
+        try:
+            grid = await self.service.read_preview(ev.preview)
+            text = t("finetune_snapshot", locale, line=ev.message or "", step=ev.step or 0, total=ev.total or 0)
+            await conv.send(Reply(text, images=[("snapshot.png", grid)], continues=True))
+        except Exception:  # a lost preview must never stop the progress and the result that follow
+            log.warning("posting a snapshot preview failed", exc_info=True)
 
     async def _conclude(
         self, job_id: str, final, conv: Conversation, handle: Any, locale: str, delivery_id: int | None
@@ -416,7 +484,14 @@ class CommandCore:
                 images=result.get("images"),
                 steps=result.get("steps"),
             )
+            if result.get("summary"):  # the last snapshot's KID and identity line
+                text += "\n" + t("finetune_metrics", locale, line=result["summary"])
             await self._safe_edit(conv, handle, Reply(text))
+        elif "animation" in (final.result or {}):  # a /sweep
+            await self._safe_edit(conv, handle, Reply(t("stage_upload", locale)))
+            if not await self._send_animation(job_id, conv, locale, delivery_id):
+                return
+            await self._safe_edit(conv, handle, Reply(t("delivered", locale)))
         elif "student" in (final.result or {}):  # a distillation: the style's instant model
             result = final.result
             blend = (result.get("blend") or {}).get("resolution", "?")
@@ -455,6 +530,26 @@ class CommandCore:
             await _finish_in_flight(self._send_and_mark(conv, reply, item_ids))
         return True
 
+    async def _send_animation(self, job_id: str, conv: Conversation, locale: str, delivery_id: int | None) -> bool:
+        """A sweep's animation, once (marked sent as the one item of its delivery); False: the lease was lost."""
+        out = await self.service.sweep_result(job_id)
+        item_ids: list[int] = []
+        if delivery_id is not None:
+            items = await self.deliveries.items(delivery_id)
+            if all(it.sent for it in items):
+                return True
+            if not await self.deliveries.keep(delivery_id):
+                log.warning("job %s: the delivery was taken over by another process; leaving it", job_id)
+                return False
+            item_ids = [it.id for it in items]
+        levels = ", ".join(str(lv) for lv in out.levels)
+        key = "sweep_done" if out.source == "toon" else "sweep_done_probe"
+        text = t(key, locale, style=out.style, levels=levels)
+        await _finish_in_flight(
+            self._send_and_mark(conv, Reply(text, animation=(out.filename, out.animation)), item_ids)
+        )
+        return True
+
     async def _send_and_mark(self, conv: Conversation, reply: Reply, item_ids: list[int]) -> None:
         await conv.send(reply)
         if item_ids:
@@ -464,10 +559,17 @@ class CommandCore:
         blend = out.spec.get("resolution", "?")
         key = "done" if out.faces <= 1 else "done_faces"
         how = t("mode_instant", locale) if out.mode == "instant" else ""  # named where it tells something
+        if out.edits:
+            how += t("edited", locale, edits=edit_words(out.edits))
         text = t(key, locale, style=out.style, blend=blend, faces=out.faces, how=how)
         if out.too_small:
             text += t("too_small_note", locale, n=out.too_small)
-        buttons = [[Button(t("button_blend", locale, level=lv), f"b:{lv}") for lv in BLEND_BUTTONS if lv != blend]]
+        if out.edits:  # the last direction a step either way (a re-blend would drop the edit)
+            name, strength = out.edits[-1]
+            steps = [(name, strength - 1), (name, strength + 1)]
+            buttons = [[Button(t("button_edit", locale, edit=edit_words(((n, s),))), f"e:{n}:{s:g}") for n, s in steps]]
+        else:
+            buttons = [[Button(t("button_blend", locale, level=lv), f"b:{lv}") for lv in BLEND_BUTTONS if lv != blend]]
         return Reply(text, images=images, buttons=buttons)
 
     @staticmethod
@@ -489,6 +591,11 @@ class CommandCore:
             return t(key, locale, bar=progress_bar(ev.step, ev.total), step=ev.step or 0, total=ev.total or 0)
         except KeyError:
             return t("starting", locale)
+
+
+def edit_words(edits) -> str:
+    """``(("smile", 2.0), ("age", -1.5))`` → ``smile +2, age -1.5``."""
+    return ", ".join(f"{name} {strength:+g}" for name, strength in edits)
 
 
 def _style_blend_mode(cmd: Command, modes: tuple[str, ...]) -> tuple[str | None, int | None, str | None]:

@@ -2,10 +2,10 @@
 
 Every slash command is deferred at once (Discord allows 3 s) and then runs as its own task through the command
 core; the deferred "thinking" message becomes the core's first reply and later replies are followups. Deferrals are
-public for the commands whose answer concerns the channel (/toon, /blend, /blendvote, /finetune, /distill,
-/publish, /pollclose) and ephemeral for personal ones (/style, /styles, /cancel, /forget, /help). Discord cannot turn a
-public deferral into an ephemeral message, so an ephemeral first reply to a public command (an error, mostly) is
-shown publicly in place of the "thinking" message; later ephemeral replies are ephemeral followups.
+public for the commands whose answer concerns the channel (/toon, /blend, /edit, /sweep, /blendvote, /finetune,
+/distill, /publish, /pollclose) and ephemeral for personal ones (/style, /styles, /cancel, /forget, /help). Discord
+cannot turn a public deferral into an ephemeral message, so an ephemeral first reply to a public command (an error,
+mostly) is shown publicly in place of the "thinking" message; later ephemeral replies are ephemeral followups.
 
 An interaction token lives 15 minutes. A conversation older than :data:`TOKEN_SAFE_S`, or whose webhook calls fail
 with 401 / 50027 / Not Found, switches to the bot token: it edits its (non-ephemeral) messages through the channel
@@ -113,7 +113,8 @@ def _files(reply: Reply, limit: int) -> list[discord.File]:
     """The images that fit in one message: at most ten, together within the upload limit (a huge composite is
     left out rather than failing the whole message)."""
     files, total = [], 0
-    for name, data in reply.images[:MAX_FILES]:
+    attached = [*reply.images, *([reply.animation] if reply.animation else [])]  # a /sweep's GIF: an attachment
+    for name, data in attached[:MAX_FILES]:
         if total + len(data) > limit:
             log.warning("%s (%d bytes) is over the upload limit of %d bytes: not sent", name, len(data), limit)
             continue
@@ -126,7 +127,7 @@ def _edit_kwargs(reply: Reply, limit: int) -> dict[str, Any]:
     """Fresh each call (a discord.File is read once). Without images an edit keeps the message's attachments
     (a poll's grid stays when the tally changes); without buttons it removes the old ones."""
     kw: dict[str, Any] = {"content": _fit(reply.text), "view": _view(reply)}
-    if reply.images:
+    if reply.images or reply.animation:
         kw["attachments"] = _files(reply, limit)
     return kw
 
@@ -136,7 +137,7 @@ def _send_kwargs(reply: Reply, limit: int) -> dict[str, Any]:
     view = _view(reply)
     if view is not None:
         kw["view"] = view
-    if reply.images:
+    if reply.images or reply.animation:
         kw["files"] = _files(reply, limit)
     return kw
 
@@ -336,6 +337,20 @@ async def style_choices(interaction: discord.Interaction, current: str) -> list[
     return [app_commands.Choice(name=n, value=n) for n in names[:STYLE_CHOICES]]
 
 
+async def direction_choices(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """The named directions of the style of the user's last toon whose names contain what was typed so far."""
+    cog = interaction.client.get_cog(COG_NAME)
+    if not isinstance(cog, ToonCog):
+        return []
+    try:
+        found = await cog.core.service.directions(actor_of(interaction), place_of(interaction))
+    except Exception:  # an autocomplete must answer quickly or not at all
+        log.warning("direction autocomplete failed", exc_info=True)
+        return []
+    names = [n for n in found.names if current.lower() in n.lower()]
+    return [app_commands.Choice(name=n, value=n) for n in names[:STYLE_CHOICES]]
+
+
 def _options(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -448,6 +463,26 @@ class ToonCog(commands.Cog, name=COG_NAME):
     ) -> None:
         await self._run(interaction, "blend", options=_options(resolution=resolution, style=style))
 
+    @app_commands.command(name="edit", description=t("cmd_edit"))
+    @app_commands.describe(
+        direction="A named direction of your last toon's style (leave it out to list them)",
+        strength="How far: 2 is strong, negative goes the other way, 0 takes it out",
+    )
+    @app_commands.autocomplete(direction=direction_choices)
+    async def edit(
+        self,
+        interaction: discord.Interaction,
+        direction: str | None = None,
+        strength: app_commands.Range[float, -10.0, 10.0] | None = None,
+    ) -> None:
+        await self._run(interaction, "edit", options=_options(direction=direction, strength=strength))
+
+    @app_commands.command(name="sweep", description=t("cmd_sweep"))
+    @app_commands.describe(style="Another style, if you like")
+    @app_commands.autocomplete(style=style_choices)
+    async def sweep(self, interaction: discord.Interaction, style: str | None = None) -> None:
+        await self._run(interaction, "sweep", options=_options(style=style))
+
     @app_commands.command(name="style", description=t("cmd_style"))
     @app_commands.describe(name="A style name (see /styles)")
     @app_commands.autocomplete(name=style_choices)
@@ -474,15 +509,23 @@ class ToonCog(commands.Cog, name=COG_NAME):
     # the service checks the rights again, since server admins can re-assign command permissions)
 
     @app_commands.command(name="blendvote", description=t("cmd_blendvote"))
-    @app_commands.describe(levels="Blend levels to vote on, e.g. 8 16 32", style="Which style (default: the default)")
+    @app_commands.describe(
+        levels="Blend levels to vote on, e.g. 8 16 32",
+        style="Which style (default: the default; with snapshots: the fine-tuned style)",
+        snapshots="Vote between the snapshots of this server's fine-tune of the style instead",
+    )
     @app_commands.autocomplete(style=style_choices)
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     async def blendvote(
-        self, interaction: discord.Interaction, levels: str | None = None, style: str | None = None
+        self,
+        interaction: discord.Interaction,
+        levels: str | None = None,
+        style: str | None = None,
+        snapshots: bool | None = None,
     ) -> None:
         args = ["vote", *re.findall(r"\d+", levels or "")]
-        await self._run(interaction, "blend", args, options=_options(style=style))
+        await self._run(interaction, "blend", args, options=_options(style=style, snapshots=snapshots or None))
 
     @app_commands.command(name="pollclose", description=t("cmd_pollclose"))
     @app_commands.default_permissions(manage_guild=True)

@@ -10,6 +10,10 @@ STRINGS: dict[str, dict[str, str]] = {
             "instant: the style's trained instant model, no wait; the default where the blend has one\n"
             "/blend <4-256>: re-draw your last toon with another blend (small = more toon)\n"
             "/blend vote: let this community vote on its favourite blend (admins)\n"
+            "/blend vote snapshots <style>: let it pick one of a fine-tune's snapshots (admins)\n"
+            "/edit <direction> <strength>: change your last toon along a named direction, e.g. /edit smile 2; "
+            "/edit alone lists them\n"
+            "/sweep [style]: your last toon at every blend level, as an animation\n"
             "/style <name>: your default style; /styles lists them\n"
             "/cancel: stop your running job; /forget: delete everything of yours\n"
             "Admins: /finetune <name> (attach a .zip of images), /publish <name>, /poll close,\n"
@@ -21,6 +25,9 @@ STRINGS: dict[str, dict[str, str]] = {
             "instant: the style's trained instant model, no wait; the default where the blend has one\n"
             "/blend <4-256>: re-draw your last toon with another blend (small = more toon)\n"
             "/blendvote [levels]: let this server vote on its favourite blend (admins)\n"
+            "/blendvote snapshots:True style:<name>: let it pick one of a fine-tune's snapshots (admins)\n"
+            "/edit <direction> <strength>: change your last toon along a named direction, e.g. /edit smile 2\n"
+            "/sweep [style]: your last toon at every blend level, as an animation\n"
             "/style <name>: your default style; /styles lists them\n"
             "/cancel: stop your running job; /forget: delete everything of yours\n"
             "Admins: /finetune <name> with a .zip of images, /publish <name>, /pollclose,\n"
@@ -39,6 +46,24 @@ STRINGS: dict[str, dict[str, str]] = {
         "stage_upload": "Almost there…",
         "stage_finetune": "Training the style… {bar} {step}/{total}",
         "stage_distill": "Training the instant model… {bar} {step}/{total}",
+        "stage_reproject": (
+            "Your last toon was instant, which keeps no latents: learning your face first… {bar} {step}/{total}"
+        ),
+        "stage_edit": "Editing your toon…",
+        "stage_sweep": "Drawing every blend level…",
+        "edited": ", edited: {edits}",
+        "edit_usage": (
+            "Use /edit followed by a direction and a strength, e.g. /edit smile 2 (negative goes the other way, "
+            "0 takes it out). Named directions of {style}: {names}."
+        ),
+        "edit_no_directions": (
+            "The style {style} has no named directions yet, so there is nothing to /edit. An admin makes them with "
+            "`toonify directions {style} --register` and names the ones worth keeping."
+        ),
+        "sweep_done": "Your toon at every blend level of {style}: {levels} px.",
+        "sweep_done_probe": "No toon of yours yet: the probe faces at every blend level of {style}: {levels} px.",
+        "finetune_snapshot": "Snapshot at step {step}/{total}: {line}",
+        "finetune_metrics": "Last snapshot: {line}",
         "done": "Here you are ({style}, blend {blend}{how}). Try another blend below.",
         "done_faces": "Here you are: {faces} faces ({style}, blend {blend}{how}).",
         "mode_instant": ", instant",
@@ -57,6 +82,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "no_styles": "There are no styles here yet.",
         "forgot": "Done: I deleted {jobs} job(s), {files} file(s) and {votes} vote(s) of yours.",
         "poll": "Vote for this community's {style} blend! Rows top to bottom: {labels}. Closes {closes}.",
+        "poll_snapshots": (
+            "Which snapshot of {style} should this community keep? Rows top to bottom: {labels}. Closes {closes}."
+        ),
+        "poll_snapshot_won": "'{style}' uses that snapshot from now on.",
         "poll_tally": "Votes: {tally}",
         "poll_closed": "The poll is closed. Winner: {winner}.",
         "poll_closed_none": "The poll is closed without votes; nothing changed.",
@@ -76,6 +105,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "button_blend": "Blend {level}",
         "button_cancel": "Cancel",
         "button_vote": "Vote {position}",
+        "button_edit": "{edit}",
         # Command menus (Telegram's setMyCommands, Discord's command descriptions).
         "cmd_toon": "Turn a photo into a toon (attach it, or reply to it)",
         "cmd_blend": "Re-draw your last toon with another blend, or /blend vote",
@@ -92,6 +122,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "cmd_poll": "Admins: /poll close ends the blend vote",
         "cmd_blendvote": "Admins: let this server vote on its favourite blend",
         "cmd_pollclose": "Admins: close this server's blend vote",
+        "cmd_edit": "Change your last toon along a named direction (/edit smile 2)",
+        "cmd_sweep": "Your last toon at every blend level, as an animation",
     },
 }
 

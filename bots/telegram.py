@@ -1,6 +1,7 @@
 """The Telegram front end: python-telegram-bot v22 in front of the command core.
 
-Commands come as text (``/blend 16``, ``/toon@Bot`` in groups), as a photo or file caption (``/toon fast``),
+Commands come as text (``/blend 16``, ``/edit smile 2``, ``/toon@Bot`` in groups), as a photo or file caption
+(``/toon fast``),
 or as a reply to a photo or file (``/toon`` answering a photo, ``/finetune name`` answering a .zip). Each command
 and each button press runs as its own task, so a slow toon never holds up anyone else.
 
@@ -65,7 +66,7 @@ POLL_TIMEOUT_S = 20
 COMMANDS = {  # the menu set with setMyCommands (texts in bots.strings); /start is Telegram's own: /help
     name: t(f"cmd_{name}")
     for name in (
-        *("toon", "blend", "style", "styles", "cancel", "forget", "help"),
+        *("toon", "blend", "edit", "sweep", "style", "styles", "cancel", "forget", "help"),
         *("finetune", "distill", "publish", "poll"),  # admins
     )
 }
@@ -162,6 +163,8 @@ class TelegramConversation:
             if reply.ephemeral and not reply.images and await self.answer(reply.text):
                 return None  # shown to the presser alone
             await self.answer()
+        if reply.animation is not None:
+            return await self._send_animation(reply)
         if not reply.images:
             msg = await self.bot.send_message(
                 self.chat_id,
@@ -241,6 +244,23 @@ class TelegramConversation:
         for extra_name, extra in rest:
             await self._send_image(extra_name, extra, None, None, self._where(reply=False))
         return MessageRef(self.chat_id, first.message_id, media=True)
+
+    async def _send_animation(self, reply: Reply) -> MessageRef:
+        """A /sweep: sendAnimation (a GIF plays in the chat), captioned with the text when it fits."""
+        name, data = reply.animation
+        fits = _utf16_len(reply.text) <= CAPTION_LIMIT
+        where = self._where(reply=not reply.continues)
+        msg = await self.bot.send_animation(
+            self.chat_id,
+            data,
+            caption=(reply.text or None) if fits else None,
+            filename=name,
+            reply_markup=_keyboard(reply),
+            **where,
+        )
+        if not fits:
+            await self.bot.send_message(self.chat_id, _fit(reply.text, TEXT_LIMIT), **self._where(reply=False))
+        return MessageRef(self.chat_id, msg.message_id, media=True)
 
     async def _send_image(
         self, name: str, data: bytes, caption: str | None, markup: InlineKeyboardMarkup | None, where: dict[str, Any]

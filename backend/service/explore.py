@@ -131,8 +131,8 @@ async def last_toon(s: AsyncSession, user: User) -> LastToon | None:
     if blob is None:
         return None
     if job.kind == JobKind.EDIT:
-        e = EditParams.from_json(job.params)
-        spec, mode, edits, all_faces, style_id, style = e.spec, e.source_mode, e.edits, e.all_faces, e.style_id, e.style
+        e = EditParams.from_json(job.params)  # an edit is a projected toon: its latents are kept in ``mode``
+        spec, mode, edits, all_faces, style_id, style = e.spec, e.mode, e.edits, e.all_faces, e.style_id, e.style
     else:
         t = ToonParams.from_json(job.params)
         spec, mode, edits, all_faces, style_id, style = t.spec, t.mode, (), t.all_faces, t.style_id, t.style

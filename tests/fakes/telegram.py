@@ -9,7 +9,8 @@ What it models (enough for PTB to parse every answer into its own objects):
 
 * ``getMe``, ``deleteWebhook``, ``getWebhookInfo``, long-poll ``getUpdates`` (``offset`` confirms, ``timeout`` waits);
 * ``sendMessage``, ``editMessageText``, ``editMessageCaption``, ``editMessageReplyMarkup``, ``editMessageMedia``,
-  ``deleteMessage``, ``sendPhoto``, ``sendDocument``, ``sendPoll``, ``sendChatAction``;
+  ``deleteMessage``, ``sendPhoto``, ``sendDocument``, ``sendAnimation`` (a GIF or a soundless video: the message
+  carries ``animation`` and, as Telegram's does, ``document``), ``sendPoll``, ``sendChatAction``;
 * ``getFile`` plus downloads under ``/file/bot<token>/<file_path>``, ``answerCallbackQuery``;
 * ``getChatMember``, ``getChatAdministrators``, ``setMyCommands``, ``getMyCommands``, ``deleteMyCommands``.
 
@@ -58,6 +59,7 @@ _STRING_PARAMS = frozenset(
         "action",
         "photo",
         "document",
+        "animation",
         "file_id",
         "url",
         "question",
@@ -150,6 +152,7 @@ class SentMessage:
     edit_count: int
     deleted: bool
     poll: dict[str, Any] | None = None
+    animation: bytes | None = None  # sendAnimation's file (its bytes are also ``document``)
 
     @property
     def buttons(self) -> list[tuple[str, str | None]]:
@@ -180,6 +183,8 @@ class _Message:
     photo_bytes: bytes | None = None
     document: dict[str, Any] | None = None
     document_bytes: bytes | None = None
+    animation: dict[str, Any] | None = None
+    animation_bytes: bytes | None = None
     poll: dict[str, Any] | None = None
     reply_markup: dict[str, Any] | None = None
     parse_mode: str | None = None
@@ -191,7 +196,7 @@ class _Message:
 
     @property
     def has_media(self) -> bool:
-        return self.photo_sizes is not None or self.document is not None
+        return self.photo_sizes is not None or self.document is not None or self.animation is not None
 
     def to_api(self, chat: dict[str, Any], *, nested: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -200,7 +205,7 @@ class _Message:
             "chat": chat,
             "date": self.date,
         }
-        for key in ("text", "entities", "caption", "caption_entities", "document", "poll", "reply_markup"):
+        for key in ("text", "entities", "caption", "caption_entities", "document", "animation", "poll", "reply_markup"):
             value = getattr(self, key)
             if value is not None:
                 data[key] = value
@@ -228,6 +233,7 @@ class _Message:
             edit_count=self.edit_count,
             deleted=self.deleted,
             poll=self.poll,
+            animation=self.animation_bytes,
         )
 
 
@@ -294,6 +300,28 @@ def _photo_variants(data: bytes) -> list[tuple[bytes, int, int]]:
         return [(data, side, side) for side in _PHOTO_SIDES]
 
 
+def _animation_type(data: bytes) -> str:
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return "video/mp4"
+
+
+def _animation_size(data: bytes) -> tuple[int, int, int]:
+    """(width, height, duration in whole seconds) of a GIF or WebP animation; nominal values for anything else."""
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            total_ms = 0
+            for i in range(getattr(image, "n_frames", 1)):
+                image.seek(i)
+                total_ms += int(image.info.get("duration", 0) or 0)
+            return width, height, max(1, round(total_ms / 1000))
+    except Exception:
+        return 320, 320, 1
+
+
 class FakeTelegram:
     """A fake Bot API server on ``127.0.0.1`` (free port). Use as ``async with FakeTelegram() as fake:``."""
 
@@ -349,6 +377,7 @@ class FakeTelegram:
                 "deleteMessage",
                 "sendPhoto",
                 "sendDocument",
+                "sendAnimation",
                 "sendPoll",
                 "sendChatAction",
                 "getFile",
@@ -790,6 +819,7 @@ class FakeTelegram:
         self, msg: _Message, kind: str, upload: UploadedFile, stored: _StoredFile | None, media_ref: str | None
     ) -> None:
         msg.photo_sizes = msg.photo_bytes = msg.document = msg.document_bytes = None
+        msg.animation = msg.animation_bytes = None
         if kind == "photo":
             msg.photo_bytes = upload.data
             msg.photo_sizes = self._photo_sizes(upload.data, stored)
@@ -797,6 +827,12 @@ class FakeTelegram:
             mime = upload.content_type or "application/octet-stream"
             msg.document = self._document_dict(upload.data, upload.filename, mime, stored)
             msg.document_bytes = upload.data
+        elif kind == "animation":
+            mime = upload.content_type or _animation_type(upload.data)
+            msg.document = self._document_dict(upload.data, upload.filename, mime, stored)
+            msg.document_bytes = msg.animation_bytes = upload.data
+            width, height, duration = _animation_size(upload.data)
+            msg.animation = {**msg.document, "width": width, "height": height, "duration": duration}
         else:
             raise _bad(f"unsupported media type {kind!r}")
         msg.media_ref = media_ref
@@ -921,6 +957,9 @@ class FakeTelegram:
 
     async def _m_sendDocument(self, params, files):
         return await self._send_media("document", params, files)
+
+    async def _m_sendAnimation(self, params, files):
+        return await self._send_media("animation", params, files)
 
     async def _m_sendPoll(self, params, files):
         chat_id = self._chat_id(params)
