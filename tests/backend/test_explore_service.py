@@ -5,6 +5,7 @@ the probe faces, and a vote between a fine-tune's snapshots whose winner becomes
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from backend.config import Settings
 from backend.db.models import CachedLatent, Job, JobKind, PollOption, Student, StyleModel
+from backend.delivery import Address, DeliveryBook
 from backend.errors import BadInputError, NotAllowedError, NotFoundError
 from backend.jobs import EditParams, SweepParams, SweepResult, blend_key, params_from_json
 from backend.service import Place, ToonService
@@ -200,10 +202,22 @@ async def test_sweep_of_the_last_toon_and_of_probe_faces(service):
             row = await s.get(Job, sweep.job_id)
         assert row.kind == JobKind.SWEEP and SweepParams.from_json(row.params).source_job == edit.job_id
 
+        # A bot restarted halfway finds the animation as the one item of the sweep's delivery.
+        book = DeliveryBook(service.rt)
+        delivery = await book.open(sweep.job_id, Address("telegram", "1", "2"))
+        (item,) = await book.items(delivery)
+        assert (item.name, item.sha256) == ("sweep.gif", result.animation)
+
 
 @pytest.mark.asyncio
 async def test_a_style_without_directions_says_how_to_make_them(tmp_path, redis_url, redis):  # noqa: F811
-    svc = await ToonService.open(settings(tmp_path, redis_url, None))  # the bundled demo models: no directions
+    bare = tmp_path / "models"
+    shutil.copytree(DEMO_DIR, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["styles"]["demo"].pop("directions", None)
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    (bare / "demo.directions.safetensors").unlink(missing_ok=True)
+    svc = await ToonService.open(settings(tmp_path, redis_url, bare))
     try:
         me = actor(6)
         async with running_worker(svc):
