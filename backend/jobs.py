@@ -12,7 +12,6 @@ from typing import Any
 
 from backend.db.models import JobKind
 from gan.blending import BlendSpec
-from gan.distill import blend_key  # the canonical JSON of a blend: students.blend_key (one per style and blend)
 from gan.styles import DEFAULT_BLEND
 
 __all__ = [
@@ -37,6 +36,11 @@ __all__ = [
 PROJECTION_MODES = ("fast", "balanced", "quality")  # projection recipes (gan.pipeline)
 MODES = ("instant", *PROJECTION_MODES)  # instant: the style's distilled student network, no projection
 LONG_KINDS = (JobKind.FINETUNE, JobKind.DISTILL)  # training: minutes to hours, on their own queue
+
+
+def blend_key(spec: BlendSpec) -> str:
+    """The canonical JSON of a blend: ``students.blend_key`` (one student per style and blend); torch-free."""
+    return spec.key()
 
 
 def queue_of(kind: JobKind) -> str:

@@ -148,6 +148,10 @@ class BlendSpec:
         # y is the high-res model's share; the toon model is the high-res one when structure comes from base.
         return high if self.structure_from == "base" else [1.0 - y for y in high]
 
+    def key(self) -> str:
+        """A canonical string for the blend: two specs that render the same have the same key."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
     def to_json(self) -> dict:
         d: dict = {"mode": self.mode, "structure_from": self.structure_from}
         if self.weights is not None:

@@ -59,7 +59,7 @@ class DistillCancelledError(Exception):
 
 def blend_key(spec: BlendSpec) -> str:
     """A canonical string for a blend: two specs that render the same have the same key."""
-    return json.dumps(spec.to_json(), sort_keys=True, separators=(",", ":"))
+    return spec.key()
 
 
 @dataclass(frozen=True)
