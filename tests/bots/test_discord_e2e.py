@@ -127,8 +127,8 @@ async def test_toon_progress_result_reblend_and_button(start_bot):
     assert [(o["name"], o["type"]) for o in toon["options"]][:2] == [("image", 11), ("style", 3)]
 
     async with running_worker(service):
-        # balanced, named: time for progress (the default is instant where the style has a student)
-        inter = await fake.slash_command("toon", options={"mode": "balanced"}, attachments=photo(astronaut(21)))
+        # quality, named: a projection long enough that the throttled progress shows it on any machine
+        inter = await fake.slash_command("toon", options={"mode": "quality"}, attachments=photo(astronaut(21)))
         result = await with_image(fake, inter)
         assert fake.callbacks(inter)[0].json == {"type": 5}  # deferred, publicly, with "thinking…"
         original = fake.original_message(inter)

@@ -25,6 +25,7 @@ from tests.fakes.discord import ADMINISTRATOR
 from tests.fakes.telegram import FakeTelegram
 
 TINY_KIMG = 0.032  # a few steps: enough to make a student with the right lineage, not a good one
+SHOWN_KIMG = 0.4  # 25 steps: long enough that the throttled progress message shows the training
 BOTH_QUEUES = ("toon", "finetune")  # distillation is long GPU work: it runs on the fine-tune queue
 
 
@@ -115,7 +116,7 @@ async def test_distill_is_for_admins_and_says_so(start_telegram):
 @pytest.mark.asyncio
 async def test_admin_distills_then_toons_at_that_blend_are_instant(start_telegram, monkeypatch):
     fake, service = await start_telegram()
-    monkeypatch.setattr(service.rt, "settings", replace(service.rt.settings, distill_kimg=TINY_KIMG))  # test-sized
+    monkeypatch.setattr(service.rt, "settings", replace(service.rt.settings, distill_kimg=SHOWN_KIMG))  # test-sized
     group = -100601
     fake.set_admins(group, [ADA], title="Instant club")
     async with running_worker(service, BOTH_QUEUES):

@@ -86,8 +86,9 @@ async def test_toon_progress_result_then_reblend_without_upload(start_bot):
     assert [c["command"] for c in fake.commands()] == list(COMMANDS)
     photo = astronaut(11)
     async with running_worker(service):
-        # balanced, named: a projection shows progress (the default is instant where the style has a student)
-        fake.send_user_message(ALICE.id, ALICE, photo=photo, caption="/toon balanced")
+        # quality, named: a projection long enough (300 steps) that the throttled progress shows it on any machine
+        # (the default is instant where the style has a student; balanced can finish inside the 1.5 s throttle)
+        fake.send_user_message(ALICE.id, ALICE, photo=photo, caption="/toon quality")
         await fake.wait_for_call("editMessageText", timeout=60)  # the job is under way
         fake.send_user_message(ALICE.id, ALICE, "/help")  # answered while the toon is still running
         result = await said(fake, ALICE.id, "Here you are", timeout=120)
