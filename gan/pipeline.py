@@ -282,31 +282,21 @@ class Toonifier:
         if progress:
             progress("align", 1, 1)
 
-        if mode == "instant" and latents is None:
-            t0 = time.perf_counter()
-            toon_crops = self.instant(to_tensor([a.image for a in aligned], self.device), spec)
-            timings["instant"] = time.perf_counter() - t0
-            if progress:
-                progress("render", 1, 1)
-            t0 = time.perf_counter()
-            composite = self.composite(image, aligned, toon_crops)
-            timings["paste"] = time.perf_counter() - t0
-            if progress:
-                progress("paste", 1, 1)
-            return ToonResult(composite, toon_crops, aligned, None, list(alignment.too_small), timings)
-
         t0 = time.perf_counter()
         losses = None
-        if latents is None:
-            crops = to_tensor([a.image for a in aligned], self.device)
-            latents, losses = self.project(crops, mode, progress=progress, should_cancel=should_cancel)
-        elif latents.shape[0] != len(aligned):
-            raise ValueError(f"got latents for {latents.shape[0]} faces, the photo has {len(aligned)}")
-        timings["project"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        toon_crops = self.render(latents, spec)
-        timings["render"] = time.perf_counter() - t0
+        if mode == "instant" and latents is None:  # the student maps crops to toon crops: no latents at all
+            toon_crops = self.instant(to_tensor([a.image for a in aligned], self.device), spec)
+            timings["instant"] = time.perf_counter() - t0
+        else:
+            if latents is None:
+                crops = to_tensor([a.image for a in aligned], self.device)
+                latents, losses = self.project(crops, mode, progress=progress, should_cancel=should_cancel)
+            elif latents.shape[0] != len(aligned):
+                raise ValueError(f"got latents for {latents.shape[0]} faces, the photo has {len(aligned)}")
+            timings["project"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            toon_crops = self.render(latents, spec)
+            timings["render"] = time.perf_counter() - t0
         if progress:
             progress("render", 1, 1)
 
@@ -319,7 +309,7 @@ class Toonifier:
             composite=composite,
             crops=toon_crops,
             aligned=aligned,
-            latents=latents.detach().cpu(),
+            latents=None if latents is None else latents.detach().cpu(),
             too_small=list(alignment.too_small),
             timings=timings,
             losses=None if losses is None else losses.cpu(),
