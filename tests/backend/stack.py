@@ -48,6 +48,16 @@ def actor(n: int = 1, admin: bool = False) -> Actor:
     return Actor(platform="discord", user_id=str(1000 + n), name=f"user{n}", is_admin=admin)
 
 
+def long_enough_to_show_progress(monkeypatch, steps: int = 150) -> None:
+    """Balanced projection with ``steps`` steps for workers started after this: on an idle machine the demo's 40
+    steps can end inside the bots' 1.5 s progress throttle, and a test of the progress message would see none."""
+    from dataclasses import replace
+
+    from gan import pipeline
+
+    monkeypatch.setitem(pipeline.MODES, "balanced", replace(pipeline.MODES["balanced"], steps=steps))
+
+
 @contextlib.asynccontextmanager
 async def running_worker(service: ToonService, queues: tuple[str, ...] = ("toon",)) -> AsyncIterator[WorkerState]:
     async with serving_worker(service.rt, queues, models=ModelCache("cpu")) as (state, _):

@@ -16,7 +16,7 @@ from backend.config import Settings
 from backend.service import Actor, Place, ToonService
 from bots.discord import run_discord
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
-from tests.backend.stack import astronaut, blank_photo, running_worker
+from tests.backend.stack import astronaut, blank_photo, long_enough_to_show_progress, running_worker
 from tests.fakes.discord import ADMINISTRATOR, FakeDiscord, FakeMessage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,7 +117,8 @@ def photo(data: bytes, name: str = "me.png", content_type: str = "image/png") ->
 
 
 @pytest.mark.asyncio
-async def test_toon_progress_result_reblend_and_button(start_bot):
+async def test_toon_progress_result_reblend_and_button(start_bot, monkeypatch):
+    long_enough_to_show_progress(monkeypatch)
     stack = await start_bot()
     fake, service = stack.fake, stack.service
     synced = {c["name"] for c in fake.guild_commands[fake.guild_id]}
@@ -127,8 +128,8 @@ async def test_toon_progress_result_reblend_and_button(start_bot):
     assert [(o["name"], o["type"]) for o in toon["options"]][:2] == [("image", 11), ("style", 3)]
 
     async with running_worker(service):
-        # quality, named: a projection long enough that the throttled progress shows it on any machine
-        inter = await fake.slash_command("toon", options={"mode": "quality"}, attachments=photo(astronaut(21)))
+        # balanced, named (the default is instant where the style has a student)
+        inter = await fake.slash_command("toon", options={"mode": "balanced"}, attachments=photo(astronaut(21)))
         result = await with_image(fake, inter)
         assert fake.callbacks(inter)[0].json == {"type": 5}  # deferred, publicly, with "thinking…"
         original = fake.original_message(inter)

@@ -16,7 +16,7 @@ from backend.config import Settings
 from backend.service import Actor, Place, ToonService
 from bots.telegram import COMMANDS, run_telegram
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
-from tests.backend.stack import astronaut, blank_photo, running_worker
+from tests.backend.stack import astronaut, blank_photo, long_enough_to_show_progress, running_worker
 from tests.fakes.telegram import FakeTelegram, FakeUser, SentMessage
 
 ALICE = FakeUser(1001, "Alice", "alice")
@@ -81,14 +81,14 @@ def calls_in(fake: FakeTelegram, method: str, chat_id: int) -> list:
 
 
 @pytest.mark.asyncio
-async def test_toon_progress_result_then_reblend_without_upload(start_bot):
+async def test_toon_progress_result_then_reblend_without_upload(start_bot, monkeypatch):
+    long_enough_to_show_progress(monkeypatch)
     fake, service = await start_bot()
     assert [c["command"] for c in fake.commands()] == list(COMMANDS)
     photo = astronaut(11)
     async with running_worker(service):
-        # quality, named: a projection long enough (300 steps) that the throttled progress shows it on any machine
-        # (the default is instant where the style has a student; balanced can finish inside the 1.5 s throttle)
-        fake.send_user_message(ALICE.id, ALICE, photo=photo, caption="/toon quality")
+        # balanced, named (the default is instant where the style has a student)
+        fake.send_user_message(ALICE.id, ALICE, photo=photo, caption="/toon balanced")
         await fake.wait_for_call("editMessageText", timeout=60)  # the job is under way
         fake.send_user_message(ALICE.id, ALICE, "/help")  # answered while the toon is still running
         result = await said(fake, ALICE.id, "Here you are", timeout=120)
