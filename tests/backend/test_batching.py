@@ -43,8 +43,10 @@ async def test_concurrent_requests_share_a_pass_and_match_their_solo_result():
     )
     await batcher.close()
     assert batcher.passes == [3]  # one pass for both jobs
-    torch.testing.assert_close(got_a, alone_a, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got_b, alone_b, atol=1e-4, rtol=1e-4)
+    # float32 convolutions batched 3 vs 1 and 2 round differently (the kernel oneDNN picks depends on the CPU),
+    # and the optimisation carries that through every step: equal to 1e-3, not to the last bits
+    torch.testing.assert_close(got_a, alone_a, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got_b, alone_b, atol=1e-3, rtol=1e-3)
     assert not torch.allclose(got_a, got_b[:1])
 
 
