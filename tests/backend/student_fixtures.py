@@ -30,8 +30,22 @@ def train_tiny_student(out: Path, spec: BlendSpec | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A student for the demo style at its own blend (swap 32)."""
+    """A tiny student for the demo style at its own blend."""
     return train_tiny_student(tmp_path_factory.mktemp("student") / "demo_swap32.safetensors")
+
+
+def demo_models_without_students(dest: Path) -> Path:
+    """A copy of the bundled demo models whose manifest lists no student: the demo style projects until a test
+    records one (the bundled copy ships an instant model for its blend)."""
+    import json
+    import shutil
+
+    shutil.copytree(DEMO_DIR, dest, ignore=shutil.ignore_patterns("students", "previews"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for style in manifest["styles"].values():
+        style.pop("students", None)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
 
 
 async def record_student(svc: ToonService, path: Path, spec: BlendSpec, *, style: str = "demo") -> int:
@@ -41,6 +55,8 @@ async def record_student(svc: ToonService, path: Path, spec: BlendSpec, *, style
     lineage = read_student_lineage(path)
     async with svc.rt.sessions() as s:
         st = await s.scalar(sa.select(StyleModel).where(StyleModel.name == style, StyleModel.community_id.is_(None)))
+        # one student per style and blend: this one replaces any (the demo style ships its own for its blend)
+        await s.execute(sa.delete(Student).where(Student.style_id == st.id, Student.blend_key == blend_key(spec)))
         row = Student(
             style_id=st.id,
             blend=spec.to_json(),

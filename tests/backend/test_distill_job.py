@@ -64,8 +64,10 @@ async def job_row(svc: ToonService, job_id: str) -> Job:
 
 
 async def students(svc: ToonService) -> list[Student]:
+    """The students distillation jobs made (the bundled demo style's own student is a row too, with no job)."""
     async with svc.rt.sessions() as s:
-        return list((await s.scalars(sa.select(Student).order_by(Student.id))).all())
+        q = sa.select(Student).where(Student.job_id.is_not(None)).order_by(Student.id)
+        return list((await s.scalars(q)).all())
 
 
 async def first_distill_step(svc: ToonService, job_id: str, at_least: int = 1) -> int:

@@ -25,7 +25,7 @@ from gan.distill import DistillConfig
 from gan.styles import DEFAULT_BLEND, DEMO_DIR, read_manifest
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
 from tests.backend.stack import actor, astronaut
-from tests.backend.student_fixtures import record_student, tiny_student  # noqa: F401
+from tests.backend.student_fixtures import demo_models_without_students, record_student, tiny_student  # noqa: F401
 
 GUILD = Place(platform="discord", community_id="13", name="instant club")
 DEMO_BLEND = read_manifest(DEMO_DIR).style("demo").blend  # swap 16: what the demo style renders by default
@@ -33,7 +33,16 @@ SWAP32 = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 
 
 def settings(tmp_path: Path, url: str, db_url: str | None = None, **env: str) -> Settings:
-    base = {"TOONIFY_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": url, "TOONIFY_QUOTA_USER_ACTIVE": "50"}
+    """The demo models without their shipped student, so each test decides which blends have one."""
+    models = tmp_path / "models"
+    if not models.exists():
+        demo_models_without_students(models)
+    base = {
+        "TOONIFY_DATA_DIR": str(tmp_path / "data"),
+        "REDIS_URL": url,
+        "TOONIFY_QUOTA_USER_ACTIVE": "50",
+        "TOONIFY_MODELS_DIR": str(models),
+    }
     if db_url:
         base["DATABASE_URL"] = db_url
     return Settings.from_env({**base, **env})
