@@ -213,3 +213,23 @@ def astronaut_path() -> Path:
 @pytest.fixture
 def astronaut_bytes(astronaut_path) -> bytes:
     return astronaut_path.read_bytes()
+
+
+def test_the_optional_patch_adversarial_term_trains_a_critic_and_resumes(demo, tmp_path):
+    from dataclasses import replace
+
+    style, base, toon = demo
+    config = replace(TINY, kimg=0.016, adv_weight=0.1)  # 4 steps
+    unbroken = train_student(base, toon, style.blend, config)
+    assert {"adv", "critic"} <= set(unbroken.meta["final_losses"])
+    snap, calls = tmp_path / "adv.snapshot", {"n": 0}
+
+    def cancel_at_third_step() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    with pytest.raises(DistillCancelledError):
+        train_student(base, toon, style.blend, config, snapshot_path=snap, should_cancel=cancel_at_third_step)
+    resumed = train_student(base, toon, style.blend, config, snapshot_path=snap)  # the critic's state resumes too
+    for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
