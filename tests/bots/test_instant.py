@@ -177,9 +177,10 @@ async def test_discord_distill_options_rights_and_instant_mode_choice(tmp_path, 
         assert "only the admins" in (await answer(fake, refused, "admins")).content
         assert await distill_jobs(service) == []
 
-        # No student for this blend yet: asking for instant says so plainly (no worker needed).
-        asked = await fake.slash_command("toon", options={"mode": "instant"}, attachments=photo(astronaut(71)))
-        assert "instant" in (await answer(fake, asked, "instant")).content
+        # No student for blend 32 (the demo ships one for its own blend, 16): asking for instant says so plainly.
+        options = {"mode": "instant", "blend": 32}
+        asked = await fake.slash_command("toon", options=options, attachments=photo(astronaut(71)))
+        assert "no instant model for blend 32" in (await answer(fake, asked, "instant")).content
 
         queued = await fake.slash_command(
             "distill", user(fake, "ada"), options={"style": "demo", "blend": 32}, member_permissions=ADMINISTRATOR
