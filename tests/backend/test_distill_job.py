@@ -180,6 +180,35 @@ async def test_a_mismatched_student_fails_the_job_once(tmp_path, redis_url, redi
         await svc.close()
 
 
+@pytest.mark.asyncio
+async def test_an_unreadable_student_fails_the_job_once_and_goes_broken(tmp_path, redis_url, redis, tiny_student):  # noqa: F811
+    svc = await ToonService.open(Settings.from_env(env_for(tmp_path, redis_url)))
+    member = actor(2)
+    try:
+        damaged = tmp_path / "damaged.safetensors"
+        damaged.write_bytes(tiny_student.read_bytes())
+        student_id = await record_student(svc, damaged, DEMO_BLEND)  # the right lineage for the demo's blend ...
+        raw = bytearray(damaged.read_bytes())
+        raw[-8:] = bytes(8)  # ... and then its weights are damaged on disk
+        damaged.write_bytes(bytes(raw))
+        ticket = await svc.submit_toon(member, GUILD, astronaut())
+        assert ToonParams.from_json((await job_row(svc, ticket.job_id)).params).mode == "instant"
+        async with running_worker(svc, queues=("toon",)):
+            events = await events_until_done(svc, ticket.job_id)
+        assert events[-1].status == "failed", events[-1]
+        error = events[-1].error
+        assert "instant model of style 'demo' for blend 16 cannot be read" in error, error
+        assert str(damaged) not in error  # the reason, not a server path
+        row = await job_row(svc, ticket.job_id)
+        assert (row.status, row.attempts) == (JobStatus.FAILED, 1)
+        async with svc.rt.sessions() as s:
+            assert (await s.get(Student, student_id)).status == "broken"
+        again = await svc.submit_toon(member, GUILD, astronaut(1))  # automatic projects now
+        assert ToonParams.from_json((await job_row(svc, again.job_id)).params).mode == "balanced"
+    finally:
+        await svc.close()
+
+
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
     code = "import sys; from bots.cli import main; sys.exit(main(['worker', '--queues', 'finetune']))"
     return subprocess.Popen(
