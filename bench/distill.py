@@ -351,14 +351,6 @@ def load_or_train_student(
 # Output
 
 
-def _fmt(v: object) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 COLUMNS = {
     "quality": ("path", "faces", "psnr", "psnr_min", "dfeat", "dfeat_max"),
     "identity": ("set", "path", "faces", "inputs_readable", "readable", "distance", "same_person"),
@@ -374,13 +366,10 @@ _printed: set[str] = set()
 
 def print_row(row: dict) -> None:
     cols = COLUMNS[row["section"]]
-    if row["section"] not in _printed:
-        _printed.add(row["section"])
-        print(f"\n## {TITLES[row['section']]}\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
-    cells = [_fmt(row.get(c)) for c in cols]
+    cells = [bench_gpu.fmt_cell(row.get(c)) for c in cols]
     if row.get("note"):
         cells.append(row["note"])
-    print("| " + " | ".join(cells) + " |", flush=True)
+    bench_gpu.print_table_row(TITLES[row["section"]], cols, cells, _printed)
 
 
 def summarise(rows: list[dict]) -> dict:

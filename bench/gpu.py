@@ -325,12 +325,20 @@ def encoder_row(res: int, plan: Plan, device: torch.device) -> dict:
 # Output
 
 
-def _fmt(v: object) -> str:
+def fmt_cell(v: object) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def print_table_row(title: str, cols: tuple[str, ...], cells: list[str], printed: set[str]) -> None:
+    """One markdown table row; the table's heading and header first, the first time ``title`` is seen."""
+    if title not in printed:
+        printed.add(title)
+        print(f"\n## {title}\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 COLUMNS = {
@@ -344,13 +352,10 @@ _printed: set[str] = set()
 
 def print_row(row: dict) -> None:
     cols = COLUMNS[row["section"]]
-    if row["section"] not in _printed:
-        _printed.add(row["section"])
-        print(f"\n## {row['section']}\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
-    cells = [_fmt(row.get(c)) for c in cols]
+    cells = [fmt_cell(row.get(c)) for c in cols]
     if "error" in row:
         cells[-1] = row["error"]
-    print("| " + " | ".join(cells) + " |", flush=True)
+    print_table_row(row["section"], cols, cells, _printed)
 
 
 def main(argv: list[str] | None = None) -> int:
