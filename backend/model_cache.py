@@ -115,7 +115,7 @@ class ModelCache:
         """The student network at ``path``, checked against ``lineage`` (the style's base and toon generators
         and the blend): a student made for anything else raises StudentMismatchError and is not kept. A file
         rewritten in place (a newer distillation of the same blend) is loaded again."""
-        from gan.distill import blend_key, load_student
+        from gan.distill import load_student
 
         device = torch.device(device) if device is not None else self.device
         path = Path(path)
@@ -125,5 +125,5 @@ class ModelCache:
             st = load_student(path, lineage=lineage, device=device)
             return st, module_bytes(st)
 
-        made_for = (lineage.base_hash, lineage.toon_hash, blend_key(lineage.spec))
+        made_for = (lineage.base_hash, lineage.toon_hash, lineage.spec.key())
         return self._get(("student", str(path), version, made_for, str(device)), load)

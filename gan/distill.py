@@ -57,11 +57,6 @@ class DistillCancelledError(Exception):
     """The caller's cancellation check returned True between two steps (a snapshot was written first)."""
 
 
-def blend_key(spec: BlendSpec) -> str:
-    """A canonical string for a blend: two specs that render the same have the same key."""
-    return spec.key()
-
-
 @dataclass(frozen=True)
 class StudentLineage:
     """What a student imitates: the base and toon generators (content hashes) and the blend between them."""
@@ -83,7 +78,7 @@ class StudentLineage:
             return f"base model {self.base_hash[:12]}…, not {other.base_hash[:12]}…"
         if self.toon_hash != other.toon_hash:
             return f"toon model {self.toon_hash[:12]}…, not {other.toon_hash[:12]}…"
-        if blend_key(self.spec) != blend_key(other.spec):
+        if self.spec.key() != other.spec.key():
             return f"blend {self.spec.describe()}, not {other.spec.describe()}"
         return None
 

@@ -160,7 +160,7 @@ class Toonifier:
     def blended(self, spec: BlendSpec | None = None) -> Generator:
         """The blended generator for ``spec`` (default: this Toonifier's), cached by recipe."""
         spec = spec or self.spec
-        key = repr(sorted(spec.to_json().items()))
+        key = spec.key()
         if key not in self._blends:
             self._blends[key] = blend(self.base, self.toon, spec)
             while len(self._blends) > self._cache_size:
@@ -172,7 +172,7 @@ class Toonifier:
         """Serve ``student`` (gan.distill.Student) in instant mode for the blend it was distilled for.
 
         Raises StudentMismatchError when it was made from another base or toon model than this Toonifier's."""
-        from gan.distill import StudentMismatchError, blend_key, student_lineage
+        from gan.distill import StudentMismatchError, student_lineage
 
         made_for = student.lineage
         if made_for is None:
@@ -180,13 +180,11 @@ class Toonifier:
         why = made_for.mismatch(student_lineage(self.base, self.toon, made_for.spec))
         if why:
             raise StudentMismatchError(f"this student was distilled for {why}")
-        self._students[blend_key(made_for.spec)] = student.to(self.device).eval()
+        self._students[made_for.spec.key()] = student.to(self.device).eval()
 
     def student_for(self, spec: BlendSpec | None = None) -> torch.nn.Module | None:
         """The student serving ``spec`` (default: this Toonifier's blend), or None."""
-        from gan.distill import blend_key
-
-        return self._students.get(blend_key(spec or self.spec))
+        return self._students.get((spec or self.spec).key())
 
     def instant(self, crops: Tensor, spec: BlendSpec | None = None) -> list[Image.Image]:
         """Toon crops for aligned crops [N, 3, R, R] in [-1, 1] by the student for ``spec``: one forward pass."""

@@ -50,10 +50,6 @@ class StudentEntry:
         return cls(file=Path(path), blend=lineage.spec, raw=MappingProxyType(raw))
 
 
-def _same_blend(a: BlendSpec, b: BlendSpec) -> bool:
-    return json.dumps(a.to_json(), sort_keys=True) == json.dumps(b.to_json(), sort_keys=True)
-
-
 @dataclass(frozen=True)
 class Style:
     name: str
@@ -66,7 +62,7 @@ class Style:
     def student_for(self, spec: BlendSpec | None = None) -> StudentEntry | None:
         """The instant model listed for ``spec`` (default: the style's blend), if any."""
         spec = spec or self.blend
-        return next((s for s in self.students if _same_blend(s.blend, spec)), None)
+        return next((s for s in self.students if s.blend.key() == spec.key()), None)
 
 
 @dataclass(frozen=True)
@@ -122,7 +118,7 @@ def add_student_to_manifest(directory: Path, style: str, entry: StudentEntry) ->
             raise ValueError(f"the manifest in {directory} has no style {style!r}")
         students = [
             st for st in data["styles"][style].get("students", [])
-            if not _same_blend(BlendSpec.from_json(st["blend"]), entry.blend)
+            if BlendSpec.from_json(st["blend"]).key() != entry.blend.key()
         ]  # fmt: skip
         data["styles"][style]["students"] = [*students, dict(entry.raw)]
         tmp = path.with_name(path.name + ".tmp")
