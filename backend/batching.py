@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -127,6 +127,15 @@ class ProjectionBatcher:
                 self._coming -= 1
 
         return release
+
+    @contextlib.contextmanager
+    def announced(self) -> Iterator[Callable[[], None]]:
+        """:meth:`announce` for the length of a ``with`` block: released at its end whatever happens."""
+        release = self.announce()
+        try:
+            yield release
+        finally:
+            release()
 
     def faces_cap(self, toonifier: Toonifier, mode: str) -> int:
         """Faces one pass may take: ``max_faces``, and on a GPU no more than its free memory holds. Raises

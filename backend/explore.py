@@ -38,20 +38,14 @@ MIN_FRAME_PX = 256  # tiny models' frames are enlarged to about this height, as 
 
 async def run_edit(w: WorkerState, job: Job) -> dict[str, Any]:
     """``/edit``: the photo's faces, edited, pasted back onto it; the result is a toon result with its edits."""
-    release = w.batcher.announce()  # jobs started together meet in one projection pass
-    try:
+    with w.batcher.announced() as release:  # jobs started together meet in one projection pass
         return await _edit(w, job, release)
-    finally:
-        release()
 
 
 async def run_sweep(w: WorkerState, job: Job) -> dict[str, Any]:
     """``/sweep``: one frame per swap level, 4 px to full resolution, as a looping GIF (or WebP)."""
-    release = w.batcher.announce()
-    try:
+    with w.batcher.announced() as release:
         return await _sweep(w, job, release)
-    finally:
-        release()
 
 
 async def _edit(w: WorkerState, job: Job, release: Callable[[], None]) -> dict[str, Any]:

@@ -192,11 +192,8 @@ async def _record_duration(rt: Runtime, seconds: float) -> None:
 
 
 async def _toon(w: WorkerState, job: Job) -> dict[str, Any]:
-    release = w.batcher.announce()  # jobs started together meet in one projection pass
-    try:
+    with w.batcher.announced() as release:  # jobs started together meet in one projection pass
         return await _toon_stages(w, job, release)
-    finally:
-        release()
 
 
 async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) -> dict[str, Any]:
