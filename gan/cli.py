@@ -375,10 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     from gan.distill import add_distill_parser
     from gan.encoder import add_train_encoder_parser
     from gan.explore import add_explore_parsers
+    from gan.model_admin import add_styles_parser
+    from gan.weights import add_weights_parser
 
     add_train_encoder_parser(sub)
     add_distill_parser(sub)
     add_explore_parsers(sub)  # directions, name-direction, list-directions, edit, mix, sweep, interpolate
+    add_styles_parser(sub)  # styles add | list | show | remove | set-default
+    add_weights_parser(sub)  # weights check
 
     s = sub.add_parser("finetune", help="fine-tune a base model on a folder or zip of images (a toon style)")
     s.add_argument("base", help="base checkpoint with a discriminator (.safetensors, rosinality .pt, NVIDIA .pkl)")
