@@ -500,23 +500,9 @@ def load_style_directions(style: str, directory: Path | None = None, G: Generato
 def register_directions(directory: Path | None, style: str, path: str | Path) -> Path:
     """List ``path`` as the style's directions in the manifest (``styles.<style>.directions``), atomically;
     the path is stored relative to the manifest's folder when it lies inside it."""
-    from gan.styles import _cache_lock, models_dir  # one lock with the manifest's other writers
+    from gan.styles import set_style_file
 
-    directory = Path(directory or models_dir())
-    manifest_path = directory / "manifest.json"
-    try:
-        rel = str(Path(path).resolve().relative_to(directory.resolve()))
-    except ValueError:
-        rel = str(Path(path).resolve())
-    with _cache_lock:
-        data = json.loads(manifest_path.read_text())
-        if style not in data.get("styles", {}):
-            raise ValueError(f"the manifest in {directory} has no style {style!r}")
-        data["styles"][style]["directions"] = rel
-        tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(manifest_path)
-    return directory / rel
+    return set_style_file(directory, style, "directions", path)
 
 
 # ----------------------------------------------------------------------------------------------------------
