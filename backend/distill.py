@@ -87,7 +87,8 @@ async def run_distill(w: WorkerState, job: Job) -> dict[str, Any]:
     progress = w.progress[job.id] = JobProgress(rt.pool, job.id)
     progress("load", 0, 1, "loading models")
     toon_path = stored_path(data_dir, style.checkpoint_path)
-    tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
+    models = w.base_models_for(toon_path)
+    tf = await w.batcher.call(w.models.toonifier, models, toon_path)
     try:
         p.spec.layer_weights(tf.base.resolution)
     except ValueError as e:
@@ -99,7 +100,7 @@ async def run_distill(w: WorkerState, job: Job) -> dict[str, Any]:
     snapshot = work / "snapshot.safetensors"
     cancel = w.cancel_event(job.id)
     loop = asyncio.get_running_loop()
-    device, vgg, lpips = tf.device, w.base_models.vgg, w.base_models.lpips
+    device, vgg, lpips = tf.device, models.vgg, models.lpips
 
     def on_step(step: int, total: int, losses: dict) -> None:
         loop.call_soon_threadsafe(progress, "distill", step, total, _loss_message(step, total, losses))

@@ -78,7 +78,8 @@ def check_models(settings: Settings) -> Check:
         from backend.model_cache import ModelCache, base_models_from_manifest
 
         cache = ModelCache("cpu")
-        cache.toonifier(base_models_from_manifest(models_dir), manifest.style().toon)
+        style = manifest.style()
+        cache.toonifier(base_models_from_manifest(models_dir, style.toon), style.toon)
     except Exception as e:
         return Check("models", False, f"{models_dir}: {type(e).__name__}: {e}")
     styles = ", ".join(manifest.styles) or "none"

@@ -46,6 +46,7 @@ class Runtime:
     blobs: BlobStore
     redis: RedisHandle
     quotas: Quotas
+    synced_manifest: object | None = None  # the model manifest the styles table was last synced from
 
     @property
     def pool(self):  # the arq pool (an ArqRedis, a redis.asyncio.Redis subclass)

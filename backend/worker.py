@@ -211,7 +211,7 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
     await w.check_cancel(job.id)
     progress("load", 0, 1, "loading models")
     toon_path = stored_path(rt.settings.data_dir, style.checkpoint_path)
-    tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
+    tf = await w.batcher.call(w.models.toonifier, w.base_models_for(toon_path), toon_path)
     data = await asyncio.to_thread(rt.blobs.read, blob.sha256)
 
     progress("align", 0, 1, "finding faces")
@@ -358,7 +358,7 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
     if style is None:
         raise BadInputError("this style no longer exists")
     toon_path = stored_path(rt.settings.data_dir, style.checkpoint_path)
-    tf = await w.batcher.call(w.models.toonifier, w.base_models, toon_path)
+    tf = await w.batcher.call(w.models.toonifier, w.base_models_for(toon_path), toon_path)
 
     def probe_ws() -> torch.Tensor:
         with torch.no_grad():
@@ -372,7 +372,7 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
         row_tf = tf
         if i < len(p.checkpoints):  # a snapshot poll: this row's generator
             path = stored_path(rt.settings.data_dir, p.checkpoints[i])
-            row_tf = await w.batcher.call(w.models.toonifier, w.base_models, path)
+            row_tf = await w.batcher.call(w.models.toonifier, w.base_models_for(path), path)
         faces = await w.batcher.call(row_tf.render, ws, spec)
         r = faces[0].width
         row = Image.new("RGB", (r * len(faces) + r // 2, r), "white")

@@ -20,6 +20,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import sqlalchemy as sa
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -61,7 +62,12 @@ class WorkerState:
 
     @property
     def base_models(self) -> BaseModels:
+        """The folder's base (community fine-tunes start from it)."""
         return base_models_from_manifest(self.rt.models_dir)
+
+    def base_models_for(self, toon_path: Path) -> BaseModels:
+        """The base ``toon_path`` blends with: its manifest style's own base, else the folder's."""
+        return base_models_from_manifest(self.rt.models_dir, toon_path)
 
     def cancel_event(self, job_id: str) -> threading.Event:
         return self.cancel_events.setdefault(job_id, threading.Event())

@@ -194,7 +194,7 @@ def _related(a: tuple[str, set[str]], b: tuple[str, set[str]]) -> bool:
     return ha == hb or ha in anc_b or hb in anc_a or bool(anc_a & anc_b)
 
 
-def _check_compatible(base: Generator, toon: Generator) -> None:
+def check_compatible(base: Generator, toon: Generator) -> None:
     if base.config != toon.config:
         raise BlendError(f"cannot blend different architectures: base {base.config} vs toon {toon.config}")
     sb, st = base.state_dict(), toon.state_dict()
@@ -209,7 +209,7 @@ def blend(base: Generator, toon: Generator, spec: BlendSpec) -> Generator:
     Raises :class:`BlendError` for different architectures; warns :class:`LineageWarning` when ``G.meta``
     shows no common base. ``result.meta`` holds the recipe, both parents' hashes and the union of ancestors.
     """
-    _check_compatible(base, toon)
+    check_compatible(base, toon)
     shares = spec.layer_weights(base.resolution)
     (hb, anc_b), (ht, anc_t) = _lineage(base), _lineage(toon)
     if not _related((hb, anc_b), (ht, anc_t)):
@@ -288,7 +288,7 @@ def blend_many(
     if len(shares) != len(models):
         raise ValueError(f"{len(models)} generators but {len(shares)} rows of shares (one row per generator)")
     for G in models[1:]:
-        _check_compatible(models[0], G)
+        check_compatible(models[0], G)
     n = num_positions(models[0].resolution)
     rows = [[float(v) for v in row] for row in shares]
     for i, row in enumerate(rows):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -35,6 +36,7 @@ SCHEMA_VERSION = 1
 DEFAULT_BLEND = BlendSpec(mode="swap", resolution=32, structure_from="toon")
 # What chat commands can type: `/style Disney` is looked up lower-cased, so a name must be lower case already.
 STYLE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+log = logging.getLogger("toonify.styles")
 
 
 class ManifestError(ValueError):
@@ -173,7 +175,7 @@ class Style:
             out["encoder"] = self.encoder
         if self.directions is not None:
             out["directions"] = self.directions
-        out.update({f"student {s.blend.describe()}": s.file for s in self.students})
+        out.update({f"student {s.blend.key()}": s.file for s in self.students})
         return out
 
 
@@ -282,6 +284,24 @@ def read_manifest(directory: Path | None = None) -> Manifest:
     manifest = Manifest.from_json(_parse_json(path), path.parent)
     with _cache_lock:
         _cache[path] = (stamp, manifest)
+    return manifest
+
+
+_last_good: dict[Path, Manifest] = {}
+
+
+def serving_manifest(directory: Path | None = None) -> Manifest:
+    """For long-running services: the folder's manifest, or, while the file is broken (an operator mid-edit),
+    the last one that parsed in this process, with a warning, so a running bot keeps its styles. A folder never
+    read well raises the error."""
+    directory = Path(directory or models_dir())
+    try:
+        manifest = _last_good[directory] = read_manifest(directory)
+    except ManifestError as e:
+        if directory not in _last_good:
+            raise
+        log.warning("model manifest is broken, serving the last good one: %s", e)
+        manifest = _last_good[directory]
     return manifest
 
 

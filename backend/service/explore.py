@@ -148,6 +148,7 @@ def _job_key(user_id: int, subject: str, op: str, params: JobParams) -> str:
 class ExploreCommands(Concern):
     async def directions(self, actor: Actor, place: Place | None, style: str | None = None) -> DirectionsInfo:
         """The named directions of ``style`` (default: the style of the actor's last toon, else the default)."""
+        await self.styles_fresh()  # a style added or removed since the last request
         async with self.rt.sessions() as s:
             user = await get_user(s, actor)
             comm = await get_community(s, place, user, actor)
@@ -177,6 +178,7 @@ class ExploreCommands(Concern):
         moved ``strength`` σ along the style's direction ``NAME``. Edits add up over a series of ``/edit`` s (the
         same direction again replaces its strength; 0 takes it out). No new upload; where the last toon kept no
         latents (instant mode), the worker projects the photo first (balanced) and keeps them."""
+        await self.styles_fresh()  # a style added or removed since the last request
         direction = (direction or "").strip()
         if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
             raise BadInputError(
@@ -215,6 +217,7 @@ class ExploreCommands(Concern):
     async def sweep(self, actor: Actor, place: Place | None, *, style: str | None = None) -> JobTicket:
         """``/sweep [STYLE]``: an animated GIF of the actor's last toon (with its edits) over the swap levels from 4
         px up to full resolution, in its style or ``style``; with no earlier toon, of the fixed probe faces."""
+        await self.styles_fresh()  # a style added or removed since the last request
         async with self.rt.sessions() as s:
             user = await get_user(s, actor)
             comm = await get_community(s, place, user, actor)

@@ -52,6 +52,7 @@ class JobCommands(Concern):
         The photo's row is written before its file, and the quota slot is given back whenever the job row is
         not written, so a failure part-way (the database gone, say) leaves neither a file nothing accounts
         for nor a slot taken."""
+        await self.styles_fresh()  # a style added or removed since the last request
         limit = self.rt.settings.max_upload_bytes
         if len(image) > limit:
             raise BadInputError(f"that file is {len(image) / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB")
@@ -105,6 +106,7 @@ class JobCommands(Concern):
     ) -> JobTicket:
         """Re-render the actor's latest toon at another blend: with the style's student for that blend where
         one exists (instant), else by projection (the latents of a projected toon are cached: no new search)."""
+        await self.styles_fresh()  # a style added or removed since the last request
         spec = parse_blend(blend)
         async with self.rt.sessions() as s:
             user = await get_user(s, actor)

@@ -161,6 +161,7 @@ class PollCommands(Concern):
         duration_s: int = 86400,
     ) -> PollInfo:
         """Admins: a poll between swap resolutions of a style; the winner becomes the community default."""
+        await self.styles_fresh()  # a style added or removed since the last request
         if not 2 <= len(levels) <= 10:
             raise BadInputError("a poll needs between 2 and 10 blend levels")
         specs = [parse_blend(lv) for lv in levels]

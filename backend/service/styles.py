@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -20,9 +21,10 @@ from backend.service.base import Concern, get_community, get_user, names_redis, 
 from backend.service.students import READY, auto_distill, queue_distill
 from backend.service.types import MAX_DATASET_BYTES, Actor, JobTicket, Place, StyleInfo, parse_blend
 from gan.blending import BlendSpec
-from gan.styles import DEFAULT_BLEND, read_manifest
+from gan.styles import DEFAULT_BLEND, read_manifest, serving_manifest
 
 MIN_DATASET_FILES = 8
+log = logging.getLogger("toonify.service")
 
 
 def default_style_name(models_dir: Path) -> str | None:
@@ -92,9 +94,10 @@ async def _sync_students(s: AsyncSession, row: StyleModel, style) -> None:
 class StyleCommands(Concern):
     async def sync_bundled_styles(self) -> None:
         """Make the styles of the model manifest (bundled demo or TOONIFY_MODELS_DIR) global published rows, and
-        record the students it lists."""
+        record the students it lists. A global style the manifest no longer lists (``toonify styles remove``) is
+        archived; one listed again is published again."""
         try:
-            manifest = read_manifest(self.rt.models_dir)
+            manifest = serving_manifest(self.rt.models_dir)
         except FileNotFoundError:
             return
         async with self.rt.sessions() as s:
@@ -114,12 +117,33 @@ class StyleCommands(Concern):
                     s.add(row)
                     await s.flush()
                 else:
-                    row.checkpoint_path, row.default_blend = path, blend
+                    row.checkpoint_path, row.default_blend, row.status = path, blend, StyleStatus.PUBLISHED
                 await _sync_students(s, row, style)
+            gone = sa.select(StyleModel).where(
+                StyleModel.community_id.is_(None),
+                StyleModel.status == StyleStatus.PUBLISHED,
+                StyleModel.name.not_in(list(manifest.styles)),
+            )
+            for row in (await s.scalars(gone)).all():
+                row.status = StyleStatus.ARCHIVED
             try:
                 await s.commit()
             except sa.exc.IntegrityError:  # another process synced at the same moment
                 await s.rollback()
+        self.rt.synced_manifest = manifest
+
+    async def styles_fresh(self) -> None:
+        """Sync again when the manifest changed since the last sync (``toonify styles add`` on a running bot):
+        one stat of the file per request, the parse is cached. A broken file keeps the last good styles."""
+        try:
+            manifest = serving_manifest(self.rt.models_dir)
+        except (FileNotFoundError, ValueError):
+            return  # never parsed well here: the styles already in the database stay
+        if self.rt.synced_manifest is not manifest:
+            try:
+                await self.sync_bundled_styles()
+            except sa.exc.SQLAlchemyError as e:  # the request itself meets the database next and says so
+                log.warning("could not sync the model manifest's styles: %s", e)
 
     async def require_admin(self, actor: Actor, place: Place | None) -> None:
         """Raise NotAllowedError unless ``actor`` administers ``place`` (front ends check before downloading)."""
@@ -128,6 +152,7 @@ class StyleCommands(Concern):
             await s.commit()
 
     async def list_styles(self, place: Place | None = None) -> list[StyleInfo]:
+        await self.styles_fresh()
         async with self.rt.sessions() as s:
             comm = await get_community(s, place)
             rows = await visible_styles(s, comm)
@@ -136,6 +161,7 @@ class StyleCommands(Concern):
 
     async def set_style(self, actor: Actor, place: Place | None, name: str) -> StyleInfo:
         """``/style NAME``: the actor's default style from now on (it must be visible here)."""
+        await self.styles_fresh()
         async with self.rt.sessions() as s:
             user = await get_user(s, actor)
             comm = await get_community(s, place, user, actor)
@@ -267,6 +293,7 @@ class StyleCommands(Concern):
         """Admins: queue the training of ``style``'s instant model for ``blend`` (default: the blend this
         community gets now). The same style, blend and length is one job while it is queued or running, or done
         with its student still ready."""
+        await self.styles_fresh()  # a style added or removed since the last request
         if kimg is not None and not kimg > 0:
             raise BadInputError(f"kimg must be a positive number of thousands of images, not {kimg!r}")
         spec = parse_blend(blend)
