@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ LPIPS_SOURCE = (
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
 TAP_CHANNELS = (64, 128, 256, 512, 512)
+VGG_IGNORED_PREFIX = "classifier."  # torchvision's fully connected layers: LPIPS uses the conv features only
 
 
 class PerceptualWeightsMissing(FileNotFoundError):  # noqa: N818  (the name the API promises)
@@ -58,7 +60,10 @@ def load_tensors(path: str | Path, what: str, env: str) -> dict[str, Tensor]:
         raise _missing([f"{what} file {path} does not exist ({env})"])
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # the LPIPS file was saved from CUDA
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    # A damaged file fails in many ways inside torch.load (a cut legacy-format file, as LPIPS's vgg.pth is, gives
+    # IndexError or struct.error; flipped bytes KeyError, TypeError or AssertionError): all are this refusal.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError, TypeError,
+            AssertionError, struct.error) as e:  # fmt: skip
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
         raise PerceptualWeightsError(
@@ -86,6 +91,13 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 def _configured(path: str | Path | None, env: str) -> Path | None:
     value = path if path is not None else os.environ.get(env) or None
     return Path(value).expanduser() if value else None
+
+
+def configured_paths(
+    vgg_path: str | Path | None = None, lpips_path: str | Path | None = None
+) -> tuple[Path | None, Path | None]:
+    """The VGG16 and LPIPS lin paths given here, else in ``TOONIFY_VGG16_PATH``/``TOONIFY_LPIPS_PATH`` (or None)."""
+    return _configured(vgg_path, VGG_ENV), _configured(lpips_path, LPIPS_ENV)
 
 
 class PerceptualLoss(nn.Module):
@@ -155,7 +167,7 @@ class LPIPS(PerceptualLoss):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         self.vgg, self.lin = VGG16(), _LinLayers()
         sd = load_tensors(vgg_path, "VGG16", VGG_ENV)
-        self._load(self.vgg, {k: v for k, v in sd.items() if not k.startswith("classifier.")}, vgg_path)
+        self._load(self.vgg, {k: v for k, v in sd.items() if not k.startswith(VGG_IGNORED_PREFIX)}, vgg_path)
         if lin_path is None:
             self.name = "vgg16-features"
             for conv in self.lin.layers():
@@ -272,7 +284,21 @@ def build_perceptual_loss(
 
     Paths come from the arguments or the environment. A path that is configured but absent raises
     ``PerceptualWeightsMissing`` rather than silently degrading; nothing configured means the fallback."""
-    vgg, lin = _configured(vgg_path, VGG_ENV), _configured(lpips_path, LPIPS_ENV)
-    if vgg is not None or lin is not None:
-        return lpips_from_config(vgg, lin, size=size) if lin is not None else LPIPS(vgg, None, size=size)
+    vgg, lin = configured_paths(vgg_path, lpips_path)
+    choice = perceptual_choice(vgg, lin, discriminator_available=discriminator is not None)
+    if choice == "lpips-vgg16":
+        return lpips_from_config(vgg, lin, size=size)
+    if choice == "vgg16-features":
+        return LPIPS(vgg, None, size=size)
     return DiscriminatorFeatureLoss(discriminator, **fallback)
+
+
+def perceptual_choice(vgg: Path | None, lpips: Path | None, *, discriminator_available: bool) -> str:
+    """The ``name`` of the loss :func:`build_perceptual_loss` builds for these configured paths
+    (:func:`configured_paths`): "lpips-vgg16", "vgg16-features", "d-features" or "pixel". A configured file is
+    never skipped: the two LPIPS choices still fail to build when a file they need is absent or damaged."""
+    if lpips is not None:
+        return "lpips-vgg16"  # needs the VGG file as well; lpips_from_config names whichever is missing
+    if vgg is not None:
+        return "vgg16-features"
+    return "d-features" if discriminator_available else "pixel"
