@@ -141,3 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     level = os.environ.get("TOONIFY_LOG_LEVEL") or ("INFO" if serving else "WARNING")
     configure_logging(level, os.environ.get("TOONIFY_LOG_FORMAT", "text"))
     return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
