@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from gan.networks import Discriminator, Generator, GeneratorConfig
 from gan.styles import DEMO_DIR, Manifest, ManifestError, read_manifest, update_manifest
 from tests.nv_pickles import write_nv_pytorch_pickle
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = GeneratorConfig(resolution=32, z_dim=32, w_dim=32, n_mlp=2, channels={4: 32, 8: 32, 16: 16, 32: 16})
 
 
@@ -48,6 +53,18 @@ def small_pair(tmp_path_factory) -> tuple[Path, Path, Path]:
     other.compute_w_avg(n=256)
     save_generator(other, d / "other.pt")
     return d / "base.pkl", d / "toon.pt", d / "other.pt"
+
+
+@pytest.fixture(scope="module")
+def config_f_downloads(tmp_path_factory) -> tuple[Path, Path]:
+    """What an operator downloads: a config-f 256 px base (.pkl, NVIDIA's layout) and its toon (.pt, rosinality's)."""
+    d = tmp_path_factory.mktemp("downloads")
+    torch.manual_seed(2026)
+    base = Generator(GeneratorConfig(resolution=256))  # config-f: 512 channels up to 64 px, then 256, 128
+    base.compute_w_avg(n=1024)
+    write_nv_pytorch_pickle(d / "ffhq-256-config-f.pkl", base)
+    save_generator(fine_tune_of(base, 2027), d / "toon-256.pt")
+    return d / "ffhq-256-config-f.pkl", d / "toon-256.pt"
 
 
 def add(models: Path, name: str, base: Path, toon: Path, *extra: str) -> int:
@@ -261,3 +278,46 @@ def test_styles_list_and_show_report_modes_and_missing_files(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["files"]["encoder"]["exists"] is False and report["files"]["toon"]["exists"] is True
     assert report["modes"][0] == "instant" and report["resolution"] == 64
+
+
+# ------------------------------------------------------------------------------- processes and signals
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bots.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+
+
+def test_a_styles_add_killed_midway_lists_nothing_and_can_be_run_again(config_f_downloads, tmp_path):
+    base_pkl, toon_pt = config_f_downloads
+    models = tmp_path / "models"
+    shutil.copytree(DEMO_DIR, models)
+    before = (models / "manifest.json").read_bytes()
+    args = ("styles", "add", "cartoon", "--base", str(base_pkl), "--toon", str(toon_pt), "--models-dir", str(models))
+    proc = cli(*args)
+    deadline = time.monotonic() + 300
+    while not list(models.glob("base-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it has begun writing converted checkpoints (the toon and the preview follow)
+    assert proc.poll() is None, "styles add ended before it was caught writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    # Nothing is listed, and every file under its real name is whole (writers go through a .tmp and rename).
+    assert (models / "manifest.json").read_bytes() == before
+    written = [f for f in models.glob("*.safetensors") if f.name.startswith(("base-", "cartoon."))]
+    for f in written:
+        assert load_generator(f).resolution == 256
+    again = cli(*args, "--no-preview")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert read_manifest(models).styles["cartoon"].base.exists()
+
+
+def test_two_processes_adding_at_once_both_get_listed(small_pair, tmp_path):
+    base_pkl, toon_pt, other_pt = small_pair
+    models = tmp_path / "models"
+    procs = [cli("styles", "add", name, "--base", str(base_pkl), "--toon", str(toon), "--models-dir", str(models),
+                 "--no-preview") for name, toon in (("one", toon_pt), ("two", other_pt))]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert set(read_manifest(models).styles) == {"one", "two"}

@@ -23,32 +23,15 @@ from PIL import Image
 from backend.db.models import Job, JobStatus
 from backend.service import ToonService
 from gan import pipeline
-from gan.checkpoints import save_generator
-from gan.networks import Generator, GeneratorConfig
 from gan.styles import DEMO_DIR
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
 from tests.backend.stack import astronaut, running_worker
 from tests.bots.test_telegram_e2e import ALICE, said, telegram_stack
 from tests.fakes.telegram import FakeTelegram
-from tests.nv_pickles import write_nv_pytorch_pickle
-from tests.test_styles_admin import fine_tune_of
+from tests.test_styles_admin import config_f_downloads  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "astronaut.png"
-
-
-@pytest.fixture(scope="module")
-def downloads(tmp_path_factory) -> tuple[Path, Path]:
-    """What an operator downloads: a config-f 256 px base (.pkl, NVIDIA's layout) and its toon (.pt, rosinality's)."""
-    d = tmp_path_factory.mktemp("downloads")
-    import torch
-
-    torch.manual_seed(2026)
-    base = Generator(GeneratorConfig(resolution=256))  # config-f: 512 channels up to 64 px, then 256, 128
-    base.compute_w_avg(n=1024)
-    write_nv_pytorch_pickle(d / "ffhq-256-config-f.pkl", base)
-    save_generator(fine_tune_of(base, 2027), d / "toon-256.pt")
-    return d / "ffhq-256-config-f.pkl", d / "toon-256.pt"
 
 
 def toonify_cli(*args: str, models: Path) -> subprocess.CompletedProcess:
@@ -74,8 +57,13 @@ async def finished_toons(service: ToonService) -> list[Job]:
 
 
 @pytest.mark.asyncio
-async def test_downloaded_checkpoints_become_a_live_style(downloads, start_telegram, tmp_path, monkeypatch):
-    base_pkl, toon_pt = downloads
+async def test_downloaded_checkpoints_become_a_live_style(
+    config_f_downloads,
+    start_telegram,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    base_pkl, toon_pt = config_f_downloads
     models = tmp_path / "models"
     shutil.copytree(DEMO_DIR, models)  # the demo style stays; the new one comes beside it
     # Two projection steps at 256 px on a CPU: this test is about the wiring, not the likeness.

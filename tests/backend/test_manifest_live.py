@@ -1,0 +1,84 @@
+"""The model manifest under a running service: a style added or removed by another process shows up on the next
+request; a manifest an operator breaks mid-edit does not take the styles away (the last good one serves, and
+``toonify health --models`` names the broken field); fixing it takes effect at once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import pytest_asyncio
+
+from backend.config import Settings
+from backend.errors import NotFoundError
+from backend.health import check_models
+from backend.service import ToonService
+from gan.styles import DEMO_DIR, update_manifest
+from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
+from tests.backend.stack import actor, astronaut, events_until_done, running_worker
+
+
+@pytest.fixture
+def models(tmp_path):
+    out = tmp_path / "models"
+    shutil.copytree(DEMO_DIR, out)
+    return out
+
+
+@pytest_asyncio.fixture
+async def service(tmp_path, models, redis_url, redis):  # noqa: F811
+    settings = Settings.from_env(
+        {"TOONIFY_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url, "TOONIFY_MODELS_DIR": str(models)}
+    )
+    svc = await ToonService.open(settings)
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+def names(styles) -> set[str]:
+    return {s.name for s in styles}
+
+
+@pytest.mark.asyncio
+async def test_styles_follow_the_manifest_and_survive_a_broken_edit(service, models):
+    assert names(await service.list_styles()) == {"demo"}
+
+    # Another process lists a second style (same models, another default blend): no restart needed.
+    def add_copy(data):
+        data["styles"]["demo8"] = {**data["styles"]["demo"], "blend": {"mode": "swap", "resolution": 8}}
+        data["styles"]["demo8"].pop("students", None)
+
+    update_manifest(models, add_copy)
+    assert names(await service.list_styles()) == {"demo", "demo8"}
+    info = await service.set_style(actor(1), None, "demo8")
+    assert info.name == "demo8" and info.default_blend["resolution"] == 8
+
+    # An operator breaks the file by hand: the running service keeps the styles it had, and health says why.
+    manifest = models / "manifest.json"
+    good = manifest.read_text()
+    broken = json.loads(good)
+    broken["styles"]["demo8"]["blend"]["resolution"] = 33
+    manifest.write_text(json.dumps(broken))
+    assert names(await service.list_styles()) == {"demo", "demo8"}
+    check = check_models(service.rt.settings)
+    assert not check.ok and "styles.demo8.blend.resolution" in check.detail
+    async with running_worker(service):
+        ticket = await service.submit_toon(actor(1), None, astronaut(), mode="fast")
+        events = await events_until_done(service, ticket.job_id)
+    assert events[-1].status == "done", events[-1]
+    assert (await service.result(ticket.job_id)).style == "demo8"
+
+    # Fixed, then the style removed: it is archived, and asking for it says so.
+    manifest.write_text(good)
+    update_manifest(models, lambda data: data["styles"].pop("demo8"))
+    assert names(await service.list_styles()) == {"demo"}
+    with pytest.raises(NotFoundError, match="no style called 'demo8'"):
+        await service.set_style(actor(1), None, "demo8")
+    # A preference for the removed style falls back to the default instead of failing the next toon.
+    async with running_worker(service):
+        ticket = await service.submit_toon(actor(1), None, astronaut(1), mode="fast")
+        events = await events_until_done(service, ticket.job_id)
+    assert events[-1].status == "done" and (await service.result(ticket.job_id)).style == "demo"
