@@ -165,10 +165,13 @@ def test_pair_check_tells_a_fine_tune_from_an_unrelated_model(small_pair):
     assert "does not look fine-tuned" in unrelated.describe() and "|toon-base|/|base|" in unrelated.table()
 
 
-def test_pair_check_trusts_recorded_lineage():
+def test_pair_check_trusts_recorded_lineage_and_the_demo_weights_agree():
     base, toon = load_generator(DEMO_DIR / "base.safetensors"), load_generator(DEMO_DIR / "toon.safetensors")
     check = pair_check(base, toon)
     assert check.shares_base and check.by == "lineage"
+    base.meta, toon.meta = {}, {}  # a real fine-tune (the demo's, 16 kimg) told by its weights alone
+    check = pair_check(base, toon)
+    assert check.shares_base and check.by == "weights" and check.median_relative < SHARED_BASE_MAX / 2
 
 
 # ------------------------------------------------------------------------------------------- styles add …
