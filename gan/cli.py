@@ -126,7 +126,8 @@ def cmd_blend(args: argparse.Namespace) -> int:
 class TerminalProgress:
     """A one-line progress bar per stage on stderr (plain lines when stderr is not a terminal)."""
 
-    def __init__(self, stream=sys.stderr) -> None:
+    def __init__(self, stream=None) -> None:
+        stream = stream or sys.stderr  # looked up now: a default bound at import would outlive a replaced stderr
         self.stream, self.tty, self.last = stream, stream.isatty(), None
 
     def __call__(self, stage: str, step: int, total: int) -> None:

@@ -424,8 +424,14 @@ def _train_encoder_for(added: AddedStyle, args: argparse.Namespace, device: str,
         if step % every == 0 or step == total:
             say(f"  encoder step {step}/{total}  loss {loss:.4f}")
 
-    enc = train_encoder(G, steps=args.encoder_steps, progress=progress)
+    snapshot = out.with_name(out.name + ".snapshot")  # a killed add resumes its encoder training when run again
+    try:
+        enc = train_encoder(G, steps=args.encoder_steps, progress=progress, snapshot_path=snapshot, resume=True)
+    except (ValueError, CheckpointError) as e:  # a snapshot of other settings: start over rather than refuse
+        say(f"not resuming the encoder training ({e})")
+        enc = train_encoder(G, steps=args.encoder_steps, progress=progress, snapshot_path=snapshot, resume=False)
     save_encoder(enc, out, G)
+    snapshot.unlink(missing_ok=True)
     manifest = set_style_encoder(added.manifest.directory, G.meta["content_hash"], out)
     say(f"trained and listed the encoder {out}")
     return AddedStyle(added.name, added.base, added.toon, out, added.preview, added.check, added.blend, manifest)

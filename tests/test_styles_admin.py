@@ -17,6 +17,7 @@ from PIL import Image
 
 from gan.checkpoints import load_generator, read_checkpoint, save_generator
 from gan.cli import main
+from gan.encoder import load_encoder
 from gan.model_admin import SHARED_BASE_MAX, pair_check, swap_resolutions
 from gan.networks import Discriminator, Generator, GeneratorConfig
 from gan.styles import DEMO_DIR, Manifest, ManifestError, read_manifest, update_manifest
@@ -242,6 +243,22 @@ def test_styles_add_reuses_the_demo_base_and_its_encoder(tmp_path):
     assert st.base == models / "base.safetensors"  # the same weights: no second copy
     assert st.encoder == models / "encoder.safetensors"  # and the encoder trained for them
     assert m.default_style == "demo"  # the folder already had one
+
+
+def test_styles_add_can_train_the_encoder_and_fast_mode_then_works(small_pair, tmp_path, capsys):
+    base_pkl, toon_pt, _ = small_pair
+    models = tmp_path / "models"
+    assert add(models, "sketch", base_pkl, toon_pt, "--no-preview", "--train-encoder", "--encoder-steps", "3") == 0
+    assert "trained and listed the encoder" in capsys.readouterr().err
+    m = read_manifest(models)
+    st = m.styles["sketch"]
+    assert st.encoder is not None and st.encoder.exists() and m.encoder == st.encoder  # the folder's base too
+    assert not list(models.glob("*.snapshot"))
+    base = load_generator(st.base)
+    load_encoder(st.encoder, base)  # tied to this base's weights (refuses any other)
+    # A second style on the same base finds that encoder without training again.
+    assert add(models, "other", base_pkl, toon_pt, "--no-preview") == 0
+    assert read_manifest(models).styles["other"].encoder == st.encoder
 
 
 def test_styles_add_refuses_what_cannot_work(small_pair, tmp_path, capsys, monkeypatch):
