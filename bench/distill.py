@@ -39,15 +39,12 @@ balanced projection's (PSNR difference, D-feature ratio) and the CPU speed-up pe
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import resource
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     main_device = devices[-1]
 
     style = get_style(args.style)
-    names = [torch.cuda.get_device_name(d) if d.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-             for d in devices]  # fmt: skip
+    names = bench_gpu.device_names(devices)
     print(f"# bench/distill.py{' --quick' if args.quick else ''}: torch {torch.__version__}, {'; '.join(names)}")
     started = time.perf_counter()
     tfs = {
@@ -456,27 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     print_summary(summary)
 
-    meta = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "devices": names,
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "plan": asdict(plan),
-        "cf_student": cf_student_kwargs(plan),
-        "style": style.name,
-        "blend": style.blend.to_json(),
-        "student": student_info,
-        "balanced_loss": tf.loss_fn.name,
-        "seconds": time.perf_counter() - started,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
-    }
-    print(f"\n# {meta['seconds']:.0f} s; peak RSS {meta['peak_rss_gib']:.2f} GiB")
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1, default=str) + "\n")
-        print(f"# wrote {out}")
+    meta = bench_gpu.run_meta(
+        args, names, plan, started, cf_student=cf_student_kwargs(plan), style=style.name,
+        blend=style.blend.to_json(), student=student_info, balanced_loss=tf.loss_fn.name,
+    )  # fmt: skip
+    bench_gpu.finish(meta, {"rows": rows, "summary": summary}, args.json)
     return 0
 
 

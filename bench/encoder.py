@@ -32,12 +32,9 @@ Nothing is asserted; tests/test_bench_encoder.py runs ``--quick`` and checks the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if only - {"report", "modes", "train"}:
         p.error(f"unknown sections {sorted(only - {'report', 'modes', 'train'})}")
     main_device = devices[-1]
-    names = [torch.cuda.get_device_name(d) if d.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-             for d in devices]  # fmt: skip
+    names = bench_gpu.device_names(devices)
     print(f"# bench/encoder.py{' --quick' if args.quick else ''}: torch {torch.__version__}, {'; '.join(names)}")
     started = time.perf_counter()
     rows: list[dict] = []
@@ -270,23 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in only:
         for device in devices:
             rows += bench_train(plan, device)
-    meta = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "devices": names,
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "plan": asdict(plan),
-        "style": style.name,
-        "seconds": time.perf_counter() - started,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
-    }
-    print(f"\n# {meta['seconds']:.0f} s; peak RSS {meta['peak_rss_gib']:.2f} GiB")
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows, "report": report}, indent=1, default=str) + "\n")
-        print(f"# wrote {out}")
+    meta = bench_gpu.run_meta(args, names, plan, started, style=style.name)
+    bench_gpu.finish(meta, {"rows": rows, "report": report}, args.json)
     return 0
 
 

@@ -341,6 +341,36 @@ def print_table_row(title: str, cols: tuple[str, ...], cells: list[str], printed
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def device_names(devices: list[torch.device]) -> list[str]:
+    return [torch.cuda.get_device_name(d) if d.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+            for d in devices]  # fmt: skip
+
+
+def run_meta(args: argparse.Namespace, names: list[str], plan: object, started: float, **extra: object) -> dict:
+    """What every bench's JSON records about its run: date, torch, devices, threads, plan, time, peak RSS."""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "devices": names,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "plan": asdict(plan),  # type: ignore[arg-type]
+        **extra,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+    }
+
+
+def finish(meta: dict, payload: dict, json_path: str | None) -> None:
+    """Print the run's time and peak memory; with ``json_path``, write ``{"meta": meta, **payload}`` there."""
+    print(f"\n# {meta['seconds']:.0f} s; peak RSS {meta['peak_rss_gib']:.2f} GiB")
+    if json_path:
+        out = Path(json_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, **payload}, indent=1, default=str) + "\n")
+        print(f"# wrote {out}")
+
+
 COLUMNS = {
     "synthesis": ("res", "batch", "dtype", "img_s", "ms_img", "peak_gib"),
     "projection": ("res", "mode", "faces", "steps", "timed_steps", "s_per_step", "s_per_face", "peak_gib"),

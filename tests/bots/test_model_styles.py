@@ -6,7 +6,6 @@ takes it off the bot."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
@@ -16,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from PIL import Image
 
@@ -26,8 +24,8 @@ from gan import pipeline
 from gan.styles import DEMO_DIR
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
 from tests.backend.stack import astronaut, running_worker
-from tests.bots.test_telegram_e2e import ALICE, said, telegram_stack
-from tests.fakes.telegram import FakeTelegram
+from tests.bots.test_instant import start_telegram  # noqa: F401  (a fixture)
+from tests.bots.test_telegram_e2e import ALICE, said
 from tests.test_styles_admin import config_f_downloads  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,28 +39,15 @@ def toonify_cli(*args: str, models: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest_asyncio.fixture
-async def start_telegram(tmp_path, redis_url, redis):  # noqa: F811
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(**env: str) -> tuple[FakeTelegram, ToonService]:
-            return await stack.enter_async_context(telegram_stack(tmp_path, redis_url, env))
-
-        yield start
-
-
-async def finished_toons(service: ToonService) -> list[Job]:
+async def finished_toons(service: ToonService) -> dict[str, Job]:
+    """Finished jobs by the style they rendered (job ids are keys, not an order)."""
     async with service.rt.sessions() as s:
-        return list((await s.scalars(sa.select(Job).where(Job.status == JobStatus.DONE).order_by(Job.id))).all())
+        jobs = (await s.scalars(sa.select(Job).where(Job.status == JobStatus.DONE))).all()
+    return {(await service.result(job.id)).style: job for job in jobs}
 
 
 @pytest.mark.asyncio
-async def test_downloaded_checkpoints_become_a_live_style(
-    config_f_downloads,
-    start_telegram,
-    tmp_path,
-    monkeypatch,  # noqa: F811
-):
+async def test_downloads_become_a_live_style(config_f_downloads, start_telegram, tmp_path, monkeypatch):  # noqa: F811
     base_pkl, toon_pt = config_f_downloads
     models = tmp_path / "models"
     shutil.copytree(DEMO_DIR, models)  # the demo style stays; the new one comes beside it
@@ -83,7 +68,7 @@ async def test_downloaded_checkpoints_become_a_live_style(
         await said(fake, ALICE.id, "Your default style is now cartoon.")
         fake.send_user_message(ALICE.id, ALICE, photo=astronaut(1), caption="/toon balanced")
         await said(fake, ALICE.id, "Here you are (cartoon", timeout=600)
-        (job,) = await finished_toons(service)
+        (job,) = (await finished_toons(service)).values()
         result = await service.result(job.id)
         assert result.style == "cartoon" and Image.open(io.BytesIO(result.crops[0])).size == (256, 256)
 
@@ -92,7 +77,7 @@ async def test_downloaded_checkpoints_become_a_live_style(
         await said(fake, ALICE.id, "Your default style is now demo.")
         fake.send_user_message(ALICE.id, ALICE, photo=astronaut(2), caption="/toon balanced")
         await said(fake, ALICE.id, "Here you are (demo", timeout=300)
-        demo_job = (await finished_toons(service))[-1]
+        demo_job = (await finished_toons(service))["demo"]
         assert Image.open(io.BytesIO((await service.result(demo_job.id)).crops[0])).size == (64, 64)
 
         # From the command line too, in another process.
