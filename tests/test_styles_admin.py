@@ -4,6 +4,7 @@ are refused naming the field; the pair check tells fine-tunes from unrelated mod
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from gan.model_admin import SHARED_BASE_MAX, pair_check, swap_resolutions
 from gan.networks import Discriminator, Generator, GeneratorConfig
 from gan.styles import DEMO_DIR, Manifest, ManifestError, read_manifest, update_manifest
 from tests.nv_pickles import write_nv_pytorch_pickle
+from tests.test_checkpoints import _Exploit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GeneratorConfig(resolution=32, z_dim=32, w_dim=32, n_mlp=2, channels={4: 32, 8: 32, 16: 16, 32: 16})
@@ -280,6 +282,10 @@ def test_styles_add_refuses_what_cannot_work(small_pair, tmp_path, capsys, monke
     junk.write_bytes(b"not a checkpoint at all")
     assert add(models, "x", junk, toon_pt) == 2
     assert "base checkpoint" in capsys.readouterr().err
+    marker = tmp_path / "pwned"  # a pickle that would run a command if anything ever called its reduce
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"G_ema": _Exploit(marker)}, protocol=4))
+    assert add(models, "x", base_pkl, tmp_path / "evil.pkl") == 2
+    assert "toon checkpoint" in capsys.readouterr().err and not marker.exists()
     assert not models.exists()  # nothing was written, let alone listed
     # Nowhere to write: no --models-dir and no TOONIFY_MODELS_DIR (the bundled demo is not for new styles).
     assert main(["styles", "add", "x", "--base", str(base_pkl), "--toon", str(toon_pt)]) == 2
