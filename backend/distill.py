@@ -87,7 +87,7 @@ async def run_distill(w: WorkerState, job: Job) -> dict[str, Any]:
     progress = w.progress[job.id] = JobProgress(rt.pool, job.id)
     progress("load", 0, 1, "loading models")
     toon_path = stored_path(data_dir, style.checkpoint_path)
-    models = w.base_models_for(toon_path)
+    models = w.base_models_for(toon_path, style.name)
     tf = await w.batcher.call(w.models.toonifier, models, toon_path)
     try:
         p.spec.layer_weights(tf.base.resolution)

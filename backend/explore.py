@@ -149,7 +149,7 @@ async def _rows(w: WorkerState, job: Job, style_id: int) -> tuple[StyleModel, Bl
 
 async def _toonifier(w: WorkerState, style: StyleModel) -> Toonifier:
     path = stored_path(w.rt.settings.data_dir, style.checkpoint_path)
-    return await w.batcher.call(w.models.toonifier, w.base_models_for(path), path)
+    return await w.batcher.call(w.models.toonifier, w.base_models_for(path, style.name), path)
 
 
 async def _directions(w: WorkerState, style: StyleModel, tf: Toonifier, edits: Edits):

@@ -42,16 +42,16 @@ class BaseModels:
     lpips: Path | None = None
 
 
-def base_models_from_manifest(models_dir: Path, toon: Path | None = None) -> BaseModels:
+def base_models_from_manifest(models_dir: Path, toon: Path | None = None, style: str | None = None) -> BaseModels:
     """The base generator and encoder for ``toon`` per the model manifest in ``models_dir``: the base of the
-    manifest's style with that toon checkpoint (each style may have its own), else the folder's base (community
-    fine-tunes start from it)."""
+    manifest's style with that toon checkpoint (each style may have its own; ``style`` picks between styles
+    sharing the file), else the folder's base (community fine-tunes start from it)."""
     from gan.styles import serving_manifest
 
     manifest = serving_manifest(models_dir)
-    style = manifest.style_for_toon(toon) if toon is not None else None
-    if style is not None:
-        return BaseModels(base=style.base, encoder=style.encoder)
+    listed = manifest.style_for_toon(toon, style) if toon is not None else None
+    if listed is not None:
+        return BaseModels(base=listed.base, encoder=listed.encoder)
     if manifest.base is None:
         raise ValueError(f"the model manifest in {models_dir} names no base checkpoint")
     return BaseModels(base=manifest.base, encoder=manifest.encoder)

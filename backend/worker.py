@@ -211,7 +211,7 @@ async def _toon_stages(w: WorkerState, job: Job, release: Callable[[], None]) ->
     await w.check_cancel(job.id)
     progress("load", 0, 1, "loading models")
     toon_path = stored_path(rt.settings.data_dir, style.checkpoint_path)
-    tf = await w.batcher.call(w.models.toonifier, w.base_models_for(toon_path), toon_path)
+    tf = await w.batcher.call(w.models.toonifier, w.base_models_for(toon_path, style.name), toon_path)
     data = await asyncio.to_thread(rt.blobs.read, blob.sha256)
 
     progress("align", 0, 1, "finding faces")
@@ -358,7 +358,7 @@ async def _preview(w: WorkerState, job: Job) -> dict[str, Any]:
     if style is None:
         raise BadInputError("this style no longer exists")
     toon_path = stored_path(rt.settings.data_dir, style.checkpoint_path)
-    tf = await w.batcher.call(w.models.toonifier, w.base_models_for(toon_path), toon_path)
+    tf = await w.batcher.call(w.models.toonifier, w.base_models_for(toon_path, style.name), toon_path)
 
     def probe_ws() -> torch.Tensor:
         with torch.no_grad():

@@ -65,9 +65,10 @@ class WorkerState:
         """The folder's base (community fine-tunes start from it)."""
         return base_models_from_manifest(self.rt.models_dir)
 
-    def base_models_for(self, toon_path: Path) -> BaseModels:
-        """The base ``toon_path`` blends with: its manifest style's own base, else the folder's."""
-        return base_models_from_manifest(self.rt.models_dir, toon_path)
+    def base_models_for(self, toon_path: Path, style: str | None = None) -> BaseModels:
+        """The base ``toon_path`` (of the style called ``style``) blends with: its manifest style's own base and
+        encoder, else the folder's."""
+        return base_models_from_manifest(self.rt.models_dir, toon_path, style)
 
     def cancel_event(self, job_id: str) -> threading.Event:
         return self.cancel_events.setdefault(job_id, threading.Event())

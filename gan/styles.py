@@ -201,10 +201,12 @@ class Manifest:
             raise ValueError(f"unknown style {name!r}; available: {', '.join(sorted(self.styles)) or 'none'}")
         return self.styles[name]
 
-    def style_for_toon(self, toon: Path) -> Style | None:
-        """The style whose toon checkpoint is ``toon`` (the backend stores that path), if any."""
+    def style_for_toon(self, toon: Path, name: str | None = None) -> Style | None:
+        """The style whose toon checkpoint is ``toon`` (the backend stores that path), if any; where several
+        styles list that file (one toon, two default blends), the one called ``name``."""
         target = Path(toon).resolve()
-        return next((s for s in self.styles.values() if s.toon.resolve() == target), None)
+        found = [s for s in self.styles.values() if s.toon.resolve() == target]
+        return next((s for s in found if s.name == name), found[0] if found else None)
 
     @classmethod
     def from_json(cls, data: Any, directory: Path) -> Manifest:

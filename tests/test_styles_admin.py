@@ -347,3 +347,12 @@ def test_two_processes_adding_at_once_both_get_listed(small_pair, tmp_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     assert set(read_manifest(models).styles) == {"one", "two"}
+
+
+def test_a_toon_listed_twice_is_found_by_the_style_name(tmp_path):
+    styles = {"a": {"toon": "t", "encoder": "e"}, "b": {"toon": "t", "encoder": None}, "c": {"toon": "u"}}
+    m = Manifest.from_json({"base": "b0", "styles": styles}, tmp_path)
+    assert m.style_for_toon(tmp_path / "t", "b").encoder is None
+    assert m.style_for_toon(tmp_path / "t", "a").encoder == tmp_path / "e"
+    assert m.style_for_toon(tmp_path / "t").name == "a"  # no name: the first listed
+    assert m.style_for_toon(tmp_path / "x") is None  # a community fine-tune: not in the manifest

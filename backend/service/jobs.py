@@ -22,7 +22,7 @@ from backend.progress import ProgressEvent, latest, watch
 from backend.quotas import QuotaExceededError
 from backend.service.base import Concern, get_community, get_user, names_redis, names_redis_iter
 from backend.service.students import blend_words, ready_student
-from backend.service.styles import default_spec, resolve_style
+from backend.service.styles import default_spec, has_encoder, resolve_style
 from backend.service.types import Actor, JobTicket, Place, QuotaError, ToonOutput, parse_blend
 from gan.blending import BlendSpec
 from gan.imageio import BadImageError, decode_image
@@ -78,6 +78,11 @@ class JobCommands(Concern):
 
     async def _mode_for(self, s, style: StyleModel, spec: BlendSpec, mode: str | None) -> str:
         """The mode a request runs in (see submit_toon)."""
+        if mode == "fast" and not has_encoder(self.rt.models_dir, self.rt.settings.data_dir, style):
+            raise BadInputError(
+                f"the style {style.name!r} has no encoder yet, so fast mode is not available; "
+                "use balanced or quality (an operator adds one with `toonify train-encoder`)"
+            )
         if mode in PROJECTION_MODES:
             return mode
         if await ready_student(s, self.rt.settings.data_dir, style.id, spec) is not None:

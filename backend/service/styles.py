@@ -18,7 +18,7 @@ from backend.errors import BadInputError, ConflictError, NotFoundError
 from backend.jobs import FinetuneParams, blend_key
 from backend.ledger import NewJob, store_blob
 from backend.service.base import Concern, get_community, get_user, names_redis, require_admin
-from backend.service.students import READY, auto_distill, queue_distill
+from backend.service.students import READY, auto_distill, queue_distill, stored_path
 from backend.service.types import MAX_DATASET_BYTES, Actor, JobTicket, Place, StyleInfo, parse_blend
 from gan.blending import BlendSpec
 from gan.styles import DEFAULT_BLEND, read_manifest, serving_manifest
@@ -69,6 +69,17 @@ async def default_spec(s: AsyncSession, style: StyleModel, comm: Community | Non
         if blend is not None:
             return BlendSpec.from_json(blend.spec)
     return BlendSpec.from_json(style.default_blend) if style.default_blend else DEFAULT_BLEND
+
+
+def has_encoder(models_dir: Path, data_dir: Path, style: StyleModel) -> bool:
+    """Whether the base ``style`` renders with has an encoder listed (fast mode needs one), per the manifest."""
+    try:
+        manifest = serving_manifest(models_dir)
+    except (FileNotFoundError, ValueError):
+        return True  # nothing to go by here: the worker says so if it has none
+    path = stored_path(data_dir, style.checkpoint_path) if style.checkpoint_path else None
+    listed = manifest.style_for_toon(path, style.name) if path is not None else None
+    return (listed.encoder if listed is not None else manifest.encoder) is not None
 
 
 def _info(st: StyleModel) -> StyleInfo:

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from backend.config import Settings
-from backend.errors import NotFoundError
+from backend.errors import BadInputError, NotFoundError
 from backend.health import check_models
 from backend.service import ToonService
 from gan.styles import DEMO_DIR, update_manifest
@@ -70,6 +70,12 @@ async def test_styles_follow_the_manifest_and_survive_a_broken_edit(service, mod
         events = await events_until_done(service, ticket.job_id)
     assert events[-1].status == "done", events[-1]
     assert (await service.result(ticket.job_id)).style == "demo8"
+
+    # A style whose entry lists no encoder: fast mode is refused up front, naming the way out.
+    manifest.write_text(good)
+    update_manifest(models, lambda data: data["styles"]["demo8"].update(encoder=None))
+    with pytest.raises(BadInputError, match="no encoder yet, so fast mode is not available"):
+        await service.submit_toon(actor(1), None, astronaut(3), style="demo8", mode="fast")
 
     # Fixed, then the style removed: it is archived, and asking for it says so.
     manifest.write_text(good)
