@@ -57,6 +57,18 @@ def base_models_from_manifest(models_dir: Path, toon: Path | None = None, style:
     return BaseModels(base=manifest.base, encoder=manifest.encoder)
 
 
+def _stamps(*paths: Path | None) -> tuple:
+    """(path, mtime, size) per file: what identifies a file's current contents without reading them."""
+    out = []
+    for path in paths:
+        try:
+            st = Path(path).stat() if path is not None else None
+        except OSError:
+            st = None  # missing: the load that follows says so
+        out.append((str(path), st.st_mtime_ns if st else None, st.st_size if st else None))
+    return tuple(out)
+
+
 class ModelCache:
     """``toonifier(base_models, toon_path)`` → a ready Toonifier, sharing the base between styles."""
 
@@ -104,7 +116,7 @@ class ModelCache:
             loss = build_perceptual_loss(models.vgg, models.lpips, discriminator=D).to(self.device)
             return (G, enc, loss), module_bytes(G, D, enc)
 
-        return self._get(("base", models), load)
+        return self._get(("base", models, *_stamps(models.base, models.encoder)), load)
 
     def toonifier(self, models: BaseModels, toon_path: Path) -> Toonifier:
         def load():
@@ -114,7 +126,9 @@ class ModelCache:
             tf = Toonifier(G, toon, encoder=enc, loss_fn=loss, aligner=aligner, device=self.device, cache_size=2)
             return tf, module_bytes(toon) * (1 + 2)  # the toon generator and up to two cached blends
 
-        return self._get(("toonifier", models, str(toon_path)), load)
+        # File stamps in the key: a checkpoint replaced under the same name (`toonify styles add --replace`) is
+        # loaded afresh by a running worker instead of served from memory.
+        return self._get(("toonifier", models, *_stamps(models.base, models.encoder, toon_path)), load)
 
     def student(self, path: Path, lineage: StudentLineage, device: str | torch.device | None = None) -> Student:
         """The student network at ``path``, checked against ``lineage`` (the style's base and toon generators

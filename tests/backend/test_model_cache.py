@@ -23,3 +23,24 @@ def test_cache_reuses_models_and_evicts_the_least_recently_used_over_budget():
     loads = tight.loads
     tight.toonifier(base, toon)  # was evicted: loaded again
     assert tight.loads > loads
+
+
+def test_a_checkpoint_replaced_under_the_same_name_is_loaded_afresh(tmp_path):
+    import shutil
+
+    import torch
+
+    from gan.checkpoints import load_generator, save_generator
+
+    models = tmp_path / "models"
+    shutil.copytree(DEMO_DIR, models)
+    base, toon = base_models_from_manifest(models), models / "toon.safetensors"
+    cache = ModelCache("cpu")
+    before = cache.toonifier(base, toon)
+    assert cache.toonifier(base, toon) is before
+    changed = load_generator(toon)
+    with torch.no_grad():
+        changed.to_rgb1.bias.add_(0.5)  # other weights under the same file name (`styles add --replace`)
+    save_generator(changed, toon)
+    after = cache.toonifier(base, toon)
+    assert after is not before and torch.equal(after.toon.to_rgb1.bias, changed.to_rgb1.bias)
