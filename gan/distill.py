@@ -44,6 +44,7 @@ from gan.checkpoints.common import CheckpointError, content_hash
 from gan.checkpoints.native import read_tensors_and_metadata
 from gan.encoder import generator_hash, sample_training_ws
 from gan.networks import Generator
+from gan.training import load_optimizer_tensors, optimizer_tensors
 
 META_KEY, FORMAT_VERSION = "toonify_student", 1
 SNAPSHOT_KEY = "toonify_student_snapshot"
@@ -376,32 +377,13 @@ class _State:
     losses: dict = field(default_factory=dict)
 
 
-def _opt_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"{prefix}.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    return out
-
-
-def _load_opt(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            i, name = key[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(i), {})[name] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
 def _save_snapshot(path: Path, st: _State, config: DistillConfig, lineage: StudentLineage) -> None:
     tensors = {f"student.{k}": v for k, v in st.student.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in st.ema.state_dict().items()}
-    tensors |= _opt_tensors("opt", st.opt)
+    tensors |= optimizer_tensors("opt", st.opt)
     if st.critic is not None and st.opt_d is not None:
         tensors |= {f"critic.{k}": v for k, v in st.critic.state_dict().items()}
-        tensors |= _opt_tensors("opt_d", st.opt_d)
+        tensors |= optimizer_tensors("opt_d", st.opt_d)
     tensors["rng"] = st.g.get_state()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"step": st.step, "config": config.to_json(), "lineage": asdict(lineage), "losses": st.losses}
@@ -429,10 +411,10 @@ def _load_snapshot(path: Path, st: _State, config: DistillConfig, lineage: Stude
 
     st.student.load_state_dict(sub("student"))
     st.ema.load_state_dict(sub("ema"))
-    _load_opt("opt", st.opt, tensors)
+    load_optimizer_tensors("opt", st.opt, tensors)
     if st.critic is not None and st.opt_d is not None:
         st.critic.load_state_dict(sub("critic"))
-        _load_opt("opt_d", st.opt_d, tensors)
+        load_optimizer_tensors("opt_d", st.opt_d, tensors)
     st.g.set_state(tensors["rng"])
     st.step, st.losses = int(meta["step"]), meta.get("losses", {})
 

@@ -50,6 +50,7 @@ from gan.checkpoints.native import read_tensors_and_metadata
 from gan.imageio import DEFAULT_MAX_PIXELS, BadImageError, load_image
 from gan.images import from_uint8, psnr, to_uint8
 from gan.networks import Generator
+from gan.training import load_optimizer_tensors, optimizer_tensors
 
 META_KEY, FORMAT_VERSION = "toonify_encoder", 1
 SNAPSHOT_KEY = "toonify_encoder_snapshot"
@@ -335,9 +336,8 @@ class _TrainState:
 
 
 def _save_snapshot(path: Path, st: _TrainState, settings: dict, gen_hash: str) -> None:
-    from gan.distill import _opt_tensors  # the student's snapshot helpers; imported late (distill imports us)
 
-    tensors = {f"encoder.{k}": v for k, v in st.enc.state_dict().items()} | _opt_tensors("opt", st.opt)
+    tensors = {f"encoder.{k}": v for k, v in st.enc.state_dict().items()} | optimizer_tensors("opt", st.opt)
     tensors["rng"] = st.g.get_state()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"step": st.step, "settings": settings, "generator_hash": gen_hash, "scheduler": st.sched.state_dict(),
@@ -349,7 +349,6 @@ def _save_snapshot(path: Path, st: _TrainState, settings: dict, gen_hash: str) -
 
 
 def _load_snapshot(path: Path, st: _TrainState, settings: dict, gen_hash: str) -> None:
-    from gan.distill import _load_opt
 
     tensors, raw = read_tensors_and_metadata(path, SNAPSHOT_KEY)
     if raw is None:
@@ -365,7 +364,7 @@ def _load_snapshot(path: Path, st: _TrainState, settings: dict, gen_hash: str) -
                 "run with the same settings, or without --resume to start over"
             )
     st.enc.load_state_dict({k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")})
-    _load_opt("opt", st.opt, tensors)
+    load_optimizer_tensors("opt", st.opt, tensors)
     st.sched.load_state_dict(meta["scheduler"])
     for group, lr in zip(st.opt.param_groups, st.sched.get_last_lr(), strict=True):
         group["lr"] = lr  # the optimiser's own state dict was loaded without its param groups

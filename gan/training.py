@@ -603,3 +603,27 @@ def finetune(
     trainer = Trainer(G, D, images, train_cfg, meta={"ancestors": ancestors, "dataset": dataset})
     trainer.train(steps=steps, **train_kw)
     return trainer.finished_generator(), trainer.D
+
+
+# ---------------------------------------------------------------------------- optimiser state in snapshots
+
+
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """An optimiser's per-parameter state as flat named tensors (``prefix.<param index>.<name>``), for a
+    safetensors snapshot; :func:`load_optimizer_tensors` puts them back."""
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{prefix}.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
