@@ -362,11 +362,7 @@ _printed: set[str] = set()
 
 
 def print_row(row: dict) -> None:
-    cols = COLUMNS[row["section"]]
-    cells = [bench_gpu.fmt_cell(row.get(c)) for c in cols]
-    if row.get("note"):
-        cells.append(row["note"])
-    bench_gpu.print_table_row(TITLES[row["section"]], cols, cells, _printed)
+    bench_gpu.print_section_row(row, COLUMNS, TITLES, _printed)
 
 
 def summarise(rows: list[dict]) -> dict:

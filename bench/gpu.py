@@ -341,6 +341,18 @@ def print_table_row(title: str, cols: tuple[str, ...], cells: list[str], printed
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def print_section_row(row: dict, columns: dict, titles: dict, printed: set[str]) -> None:
+    """A bench row as a markdown table row under its section's title: ``columns[section]`` cells, an error in
+    place of the last cell, a note after them."""
+    cols = columns[row["section"]]
+    cells = [fmt_cell(row.get(c)) for c in cols]
+    if row.get("error"):
+        cells[-1] = row["error"]
+    if row.get("note"):
+        cells.append(row["note"])
+    print_table_row(titles[row["section"]], cols, cells, printed)
+
+
 def device_names(devices: list[torch.device]) -> list[str]:
     return [torch.cuda.get_device_name(d) if d.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
             for d in devices]  # fmt: skip
@@ -381,11 +393,7 @@ _printed: set[str] = set()
 
 
 def print_row(row: dict) -> None:
-    cols = COLUMNS[row["section"]]
-    cells = [fmt_cell(row.get(c)) for c in cols]
-    if "error" in row:
-        cells[-1] = row["error"]
-    print_table_row(row["section"], cols, cells, _printed)
+    print_section_row(row, COLUMNS, {section: section for section in COLUMNS}, _printed)
 
 
 def main(argv: list[str] | None = None) -> int:
