@@ -356,3 +356,14 @@ def test_a_toon_listed_twice_is_found_by_the_style_name(tmp_path):
     assert m.style_for_toon(tmp_path / "t", "a").encoder == tmp_path / "e"
     assert m.style_for_toon(tmp_path / "t").name == "a"  # no name: the first listed
     assert m.style_for_toon(tmp_path / "x") is None  # a community fine-tune: not in the manifest
+
+
+def test_fast_mode_on_a_style_without_encoder_is_refused_with_the_way_out(small_pair, tmp_path, capsys, monkeypatch):
+    base_pkl, toon_pt, _ = small_pair
+    models = tmp_path / "models"
+    assert add(models, "sketch", base_pkl, toon_pt, "--no-preview") == 0
+    monkeypatch.setenv("TOONIFY_MODELS_DIR", str(models))
+    photo = ROOT / "tests" / "fixtures" / "astronaut.png"
+    assert main(["toon", str(photo), "--style", "sketch", "--mode", "fast", "--out", str(tmp_path / "t.png")]) == 2
+    assert "fast mode needs an encoder" in capsys.readouterr().err
+    assert not (tmp_path / "t.png").exists()
