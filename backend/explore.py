@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from backend.db.models import Blob, BlobKind, Job, StyleModel
-from backend.errors import BadInputError, JobCancelledError
+from backend.errors import BadInputError
 from backend.jobs import ANIMATION_MEDIA_TYPES, EditParams, Edits, SweepParams, SweepResult, ToonResult
-from backend.latents import PROBE_PSI, PROBE_SEEDS, cached_latents, face_seeds, store_latents
+from backend.latents import PROBE_PSI, PROBE_SEEDS, project_or_reuse
 from backend.ledger import store_blob
 from backend.progress import JobProgress
 from backend.service.explore import read_directions
@@ -30,7 +30,6 @@ from backend.worker_state import WorkerState
 from gan.align import FaceTooSmallError, NoFaceError
 from gan.imageio import BadImageError, decode_image
 from gan.pipeline import Toonifier
-from gan.projection import ProjectionCancelledError
 
 MAX_SWEEP_FACES = 4  # a sweep shows the largest faces of a group photo side by side, at most this many
 MIN_FRAME_PX = 256  # tiny models' frames are enlarged to about this height, as poll grids are
@@ -207,31 +206,8 @@ async def _latents(
 ) -> torch.Tensor:
     """The latents kept for the photo in ``mode``; else projected now (and kept). Stage ``reproject`` when the toon
     was instant (it kept no latents), so the chat can say why this takes a while."""
-    from gan.encoder import generator_hash
-    from gan.pipeline import to_tensor
-
-    rt, progress = w.rt, w.progress[job.id]
-    base_hash = generator_hash(tf.base)
-    latents = await cached_latents(rt, job.user_id, sha, base_hash, mode, len(aligned))
-    if latents is not None:
-        release()
-        return latents
     stage = "reproject" if source_mode == "instant" else "project"
-    crops = await w.batcher.call(to_tensor, [a.image for a in aligned], "cpu")
-    release()
-    try:
-        latents = await w.batcher.project(
-            tf,
-            crops,
-            mode,
-            seeds=face_seeds(len(aligned)),
-            progress=lambda step, total: progress(stage, step, total),
-            cancelled=w.cancel_event(job.id),
-        )
-    except ProjectionCancelledError as e:
-        raise JobCancelledError(str(e)) from e
-    await store_latents(rt, job.user_id, sha, base_hash, mode, latents)
-    return latents
+    return await project_or_reuse(w, job, tf, sha, mode, [a.image for a in aligned], release, stage)
 
 
 async def _store(w: WorkerState, job: Job, data: bytes, media_type: str) -> str:

@@ -3,15 +3,24 @@ faces shares: the toon job, re-blends, poll grids, ``/edit`` and ``/sweep``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from backend.db.models import CachedLatent, utcnow
+from backend.db.models import CachedLatent, Job, utcnow
+from backend.errors import JobCancelledError
 from backend.runtime import Runtime
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from backend.worker_state import WorkerState
+    from gan.pipeline import Toonifier
 
 PROBE_SEEDS = (1, 2, 3, 4)  # the same probe faces for every poll grid and sweep, so they are comparable
 PROBE_PSI = 0.7  # their truncation: typical faces
@@ -56,3 +65,43 @@ async def store_latents(rt: Runtime, user_id: int, sha: str, base_hash: str, mod
             await s.commit()
         except sa.exc.IntegrityError:  # already cached by an earlier delivery of this job
             await s.rollback()
+
+
+async def project_or_reuse(
+    w: WorkerState,
+    job: Job,
+    tf: Toonifier,
+    sha: str,
+    mode: str,
+    faces: list[Image.Image],
+    release: Callable[[], None],
+    stage: str = "project",
+) -> torch.Tensor:
+    """The latents kept for this photo, base model and mode; else the faces projected now in the worker's shared
+    pass (progress under ``stage``) and kept. ``release`` lets a pass start without this job once its crops are
+    ready, or at once when nothing needs projecting."""
+    from gan.encoder import generator_hash
+    from gan.pipeline import to_tensor
+    from gan.projection import ProjectionCancelledError
+
+    base_hash = generator_hash(tf.base)
+    latents = await cached_latents(w.rt, job.user_id, sha, base_hash, mode, len(faces))
+    if latents is not None:
+        release()
+        return latents
+    progress = w.progress[job.id]
+    crops = await w.batcher.call(to_tensor, faces, "cpu")
+    release()
+    try:
+        latents = await w.batcher.project(
+            tf,
+            crops,
+            mode,
+            seeds=face_seeds(len(faces)),
+            progress=lambda step, total: progress(stage, step, total),
+            cancelled=w.cancel_event(job.id),
+        )
+    except ProjectionCancelledError as e:
+        raise JobCancelledError(str(e)) from e
+    await store_latents(w.rt, job.user_id, sha, base_hash, mode, latents)
+    return latents

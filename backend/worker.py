@@ -43,7 +43,7 @@ from backend.explore import run_edit, run_sweep
 from backend.finetune import run_finetune
 from backend.jobs import PreviewParams, ToonParams, ToonResult, queue_of
 from backend.keys import QUEUE_NAMES, STATS_KEY
-from backend.latents import PROBE_PSI, PROBE_SEEDS, cached_latents, face_seeds, store_latents
+from backend.latents import PROBE_PSI, PROBE_SEEDS, face_seeds, project_or_reuse
 from backend.ledger import enqueue, store_blob
 from backend.logs import JOB_ID
 from backend.model_cache import ModelCache
@@ -54,10 +54,8 @@ from backend.service.students import blend_words, ready_student, stored_path
 from backend.worker_state import WorkerState, reconcile
 from gan.align import FaceTooSmallError, NoFaceError
 from gan.blending import BlendSpec
-from gan.encoder import generator_hash
 from gan.imageio import BadImageError, decode_image
 from gan.pipeline import Toonifier
-from gan.projection import ProjectionCancelledError
 
 log = logging.getLogger("toonify.worker")
 MAX_TRIES = 3  # attempts that end in an error before a job fails for good
@@ -258,26 +256,8 @@ async def _projected(
     release: Callable[[], None],
 ) -> list[Image.Image]:
     """Project the faces (or reuse the latents cached for this photo and mode), then render them at ``spec``."""
-    rt, mode, progress = w.rt, ToonParams.from_json(job.params).mode, w.progress[job.id]
-    base_hash = generator_hash(tf.base)
-    latents = await cached_latents(rt, job.user_id, sha, base_hash, mode, len(faces))
-    if latents is None:
-        from gan.pipeline import to_tensor
-
-        crops = await w.batcher.call(to_tensor, faces, "cpu")
-        release()
-        try:
-            latents = await w.batcher.project(
-                tf,
-                crops,
-                mode,
-                seeds=face_seeds(len(faces)),
-                progress=lambda step, total: progress("project", step, total),
-                cancelled=w.cancel_event(job.id),
-            )
-        except ProjectionCancelledError as e:
-            raise JobCancelledError(str(e)) from e
-        await store_latents(rt, job.user_id, sha, base_hash, mode, latents)
+    mode, progress = ToonParams.from_json(job.params).mode, w.progress[job.id]
+    latents = await project_or_reuse(w, job, tf, sha, mode, faces, release)
     await w.check_cancel(job.id)
     progress("render", 0, 1, "drawing the toon")
     return await w.batcher.call(tf.render, latents, spec)
