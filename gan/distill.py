@@ -36,12 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gan.blending import BlendSpec, blend
 from gan.checkpoints.common import CheckpointError, content_hash
-from gan.checkpoints.native import read_tensors_and_metadata
+from gan.checkpoints.native import read_tensors_and_metadata, write_tensors_and_metadata
 from gan.encoder import generator_hash, sample_training_ws
 from gan.networks import Generator
 from gan.training import load_optimizer_tensors, optimizer_tensors
@@ -387,10 +386,8 @@ def _save_snapshot(path: Path, st: _State, config: DistillConfig, lineage: Stude
     tensors["rng"] = st.g.get_state()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"step": st.step, "config": config.to_json(), "lineage": asdict(lineage), "losses": st.losses}
-    tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata={SNAPSHOT_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    write_tensors_and_metadata(tensors, path, meta, SNAPSHOT_KEY)
 
 
 def _load_snapshot(path: Path, st: _State, config: DistillConfig, lineage: StudentLineage) -> None:
@@ -534,9 +531,7 @@ def save_student(student: Student, path: str | Path) -> Path:
              "content_hash": content_hash(tensors)}  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)  # a crash never leaves a half-written student under the real name
+    write_tensors_and_metadata(tensors, path, meta, META_KEY)
     student.meta = {**student.meta, "content_hash": meta["content_hash"]}
     return path
 

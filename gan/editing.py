@@ -381,7 +381,7 @@ def save_directions(
     """Write directions as .safetensors with JSON metadata (atomic). ``meta`` must give (or ``dirs``, a
     :class:`DirectionSet`, already hold) ``method`` and ``generator_hash`` (see :func:`directions_meta`);
     a plain tensor [K, w_dim] may bring ``scales`` and ``values`` in ``meta``."""
-    from safetensors.torch import save_file
+    from gan.checkpoints.native import write_tensors_and_metadata
 
     ds = _as_set(dirs, meta)
     missing = [k for k in ("method", "generator_hash", "generator") if not ds.meta.get(k)]
@@ -406,10 +406,7 @@ def save_directions(
     header.update(format_version=DIRECTIONS_FORMAT_VERSION, names=names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={DIRECTIONS_KEY: json.dumps(header, sort_keys=True)})
-    tmp.replace(path)  # readers see the old file or the new one, never half of one
-    return path
+    return write_tensors_and_metadata(tensors, path, header, DIRECTIONS_KEY)
 
 
 def load_directions(path: str | Path, G: Generator | None = None) -> DirectionSet:

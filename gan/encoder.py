@@ -42,11 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gan.checkpoints.common import CheckpointError, content_hash
-from gan.checkpoints.native import read_tensors_and_metadata
+from gan.checkpoints.native import read_tensors_and_metadata, write_tensors_and_metadata
 from gan.imageio import DEFAULT_MAX_PIXELS, BadImageError, load_image
 from gan.images import from_uint8, psnr, to_uint8
 from gan.networks import Generator
@@ -343,9 +342,7 @@ def _save_snapshot(path: Path, st: _TrainState, settings: dict, gen_hash: str) -
     meta = {"step": st.step, "settings": settings, "generator_hash": gen_hash, "scheduler": st.sched.state_dict(),
             "loss": st.loss}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={SNAPSHOT_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)  # atomic: a kill mid-write leaves the previous snapshot
+    write_tensors_and_metadata(tensors, path, meta, SNAPSHOT_KEY)  # a kill mid-write leaves the previous one
 
 
 def _load_snapshot(path: Path, st: _TrainState, settings: dict, gen_hash: str) -> None:
@@ -523,11 +520,7 @@ def save_encoder(encoder: Encoder, path: str | Path, G: Generator) -> Path:
     meta = {"format_version": FORMAT_VERSION, "encoder": encoder.kwargs, "generator_hash": h,
             "generator": G.config.to_json(), "training": getattr(encoder, "train_settings", {}),
             "file_hash": content_hash(tensors)}  # fmt: skip
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)  # atomic: a crash never leaves a half-written file under the real name
-    return path
+    return write_tensors_and_metadata(tensors, path, meta, META_KEY)
 
 
 def load_encoder(path: str | Path, G: Generator | None = None, device: str | torch.device = "cpu") -> Encoder:

@@ -33,10 +33,18 @@ def write_native(data: CheckpointData, path: str | Path) -> None:
     if data.discriminator_config is not None:
         res, ch = data.discriminator_config
         meta["discriminator"] = {"resolution": res, "channels": {str(k): v for k, v in ch.items()}}
+    write_tensors_and_metadata(tensors, path, meta)
+
+
+def write_tensors_and_metadata(tensors: dict, path: str | Path, meta: dict, key: str = META_KEY) -> Path:
+    """Write ``tensors`` as a safetensors file with ``meta`` as JSON in its metadata entry ``key``, through a
+    temporary file and a rename: a crash never leaves a half-written file under the real name (readers see the
+    old file or the new one). The twin of :func:`read_tensors_and_metadata`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
+    save_file(tensors, str(tmp), metadata={key: json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)
+    return path
 
 
 def read_tensors_and_metadata(path: str | Path, key: str = META_KEY) -> tuple[dict, str | None]:
