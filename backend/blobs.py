@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -151,6 +152,15 @@ async def expire_blobs(
         if mtime is not None and mtime <= cutoff and store.delete(sha):
             files += 1
     return ExpireResult(deleted, files)
+
+
+def copy_atomic(src: Path, dst: Path) -> Path:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename: readers never see half a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def _chunks(items: list, size: int = _CHUNK) -> list[list]:

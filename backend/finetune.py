@@ -10,13 +10,12 @@ preview grid (a blob) and a one-line metrics summary; the job's result keeps the
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from backend.blobs import copy_atomic
 from backend.db.models import Blob, BlobKind, Dataset, Job, StyleModel, StyleStatus
 from backend.errors import BadInputError, JobCancelledError
 from backend.jobs import FinetuneParams, FinetuneResult
@@ -56,14 +55,6 @@ def snapshot_message(row: dict) -> str:
     best = min(swaps.items(), key=lambda kv: kv[1]["distance"], default=None)
     keeps = f"; identity kept best at swap {best[0]} px ({best[1]['distance']:.2f})" if best else ""
     return f"snapshot at {row['kimg']:.2f} kimg: KID {kid}{keeps}"
-
-
-def _copy_atomic(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
 
 
 async def _post_snapshot(w: WorkerState, job: Job, row: dict, work: Path, total: int) -> None:
@@ -144,7 +135,7 @@ async def run_finetune(w: WorkerState, job: Job) -> dict[str, Any]:
     if result.status != "done":
         raise JobCancelledError(f"cancelled during fine-tuning at step {result.steps} (the last snapshot is kept)")
     out = rt.settings.data_dir / "styles" / f"{style.id}-{job.id[:8]}.safetensors"
-    await asyncio.to_thread(_copy_atomic, result.checkpoint, out)
+    await asyncio.to_thread(copy_atomic, result.checkpoint, out)
     meta = (await asyncio.to_thread(read_checkpoint, out)).meta
     async with rt.sessions() as s:
         await s.execute(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend import ledger
+from backend.blobs import copy_atomic
 from backend.db.models import (
     Blend,
     Community,
@@ -43,6 +42,7 @@ from backend.service.base import Concern, get_community, get_user, names_redis, 
 from backend.service.students import auto_distill, stored_path
 from backend.service.styles import default_spec, resolve_style
 from backend.service.types import Actor, Place, PollInfo, PollOptionInfo, parse_blend
+from gan.styles import relative_to
 
 log = logging.getLogger("toonify.service")
 MAX_POLL_OPTIONS = 10
@@ -93,22 +93,6 @@ def spread(items: list, n: int) -> list:
 def _snapshot_label(snap: Snapshot) -> str:
     kid = f", KID {snap.kid:.4f}" if snap.kid is not None else ""
     return f"snapshot {snap.kimg:g} kimg{kid}"[:64]
-
-
-def _relative(data_dir: Path, path: Path) -> str:
-    """A path as the store keeps it: relative to the data directory where it lies inside."""
-    try:
-        return str(path.resolve().relative_to(data_dir.resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
-def _copy_atomic(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
 
 
 async def poll_info(s: AsyncSession, poll_id: int) -> PollInfo:
@@ -248,7 +232,7 @@ class PollCommands(Concern):
                 )
                 s.add(blend)
                 await s.flush()
-                paths.append(_relative(data_dir, snap.path))
+                paths.append(relative_to(snap.path, data_dir))
                 s.add(PollOption(poll_id=poll.id, blend_id=blend.id, position=i + 1, checkpoint_path=paths[-1]))
             params = PreviewParams(
                 poll_id=poll.id,
@@ -360,7 +344,7 @@ class PollCommands(Concern):
         if meta.get("content_hash") and meta.get("content_hash") == style.content_hash:
             return False
         dst = self.rt.settings.data_dir / "styles" / f"{style.id}-poll{poll.id}-{src.name}"
-        await asyncio.to_thread(_copy_atomic, src, dst)
+        await asyncio.to_thread(copy_atomic, src, dst)
         style.checkpoint_path = str(dst)
         style.content_hash = meta.get("content_hash")
         style.lineage = list(meta.get("ancestors", []))
