@@ -12,7 +12,9 @@ re-read whenever the file changes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -155,8 +157,6 @@ class AddedStyle:
 
 def _writable_dir(directory: str | Path | None) -> Path:
     """The folder to write: the one given, else $TOONIFY_MODELS_DIR; never the bundled demo inside the package."""
-    import os
-
     chosen = directory or os.environ.get(MODELS_ENV)
     if not chosen:
         raise ValueError(f"give --models-dir DIR or set {MODELS_ENV}: the bundled demo folder is not for new styles")
@@ -434,7 +434,7 @@ def _train_encoder_for(added: AddedStyle, args: argparse.Namespace, device: str,
     snapshot.unlink(missing_ok=True)
     manifest = set_style_encoder(added.manifest.directory, G.meta["content_hash"], out)
     say(f"trained and listed the encoder {out}")
-    return AddedStyle(added.name, added.base, added.toon, out, added.preview, added.check, added.blend, manifest)
+    return dataclasses.replace(added, encoder=out, manifest=manifest)
 
 
 def _manifest_for(args: argparse.Namespace) -> Manifest:
