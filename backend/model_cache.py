@@ -48,13 +48,10 @@ def base_models_from_manifest(models_dir: Path, toon: Path | None = None, style:
     sharing the file), else the folder's base (community fine-tunes start from it)."""
     from gan.styles import serving_manifest
 
-    manifest = serving_manifest(models_dir)
-    listed = manifest.style_for_toon(toon, style) if toon is not None else None
-    if listed is not None:
-        return BaseModels(base=listed.base, encoder=listed.encoder)
-    if manifest.base is None:
+    base, encoder = serving_manifest(models_dir).models_for(toon, style)
+    if base is None:
         raise ValueError(f"the model manifest in {models_dir} names no base checkpoint")
-    return BaseModels(base=manifest.base, encoder=manifest.encoder)
+    return BaseModels(base=base, encoder=encoder)
 
 
 def _stamps(*paths: Path | None) -> tuple:

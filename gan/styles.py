@@ -208,6 +208,12 @@ class Manifest:
         found = [s for s in self.styles.values() if s.toon.resolve() == target]
         return next((s for s in found if s.name == name), found[0] if found else None)
 
+    def models_for(self, toon: Path | None, name: str | None = None) -> tuple[Path | None, Path | None]:
+        """(base, encoder) that ``toon`` renders with: those of its style here (``name`` picks between styles
+        sharing the file), else the folder's top-level ones (community fine-tunes start from that base)."""
+        listed = self.style_for_toon(toon, name) if toon is not None else None
+        return (listed.base, listed.encoder) if listed is not None else (self.base, self.encoder)
+
     @classmethod
     def from_json(cls, data: Any, directory: Path) -> Manifest:
         """Validate ``data`` against the schema (ManifestError naming the field) and resolve its paths."""

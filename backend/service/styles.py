@@ -78,8 +78,7 @@ def has_encoder(models_dir: Path, data_dir: Path, style: StyleModel) -> bool:
     except (FileNotFoundError, ValueError):
         return True  # nothing to go by here: the worker says so if it has none
     path = stored_path(data_dir, style.checkpoint_path) if style.checkpoint_path else None
-    listed = manifest.style_for_toon(path, style.name) if path is not None else None
-    return (listed.encoder if listed is not None else manifest.encoder) is not None
+    return manifest.models_for(path, style.name)[1] is not None  # as the worker resolves it
 
 
 def _info(st: StyleModel) -> StyleInfo:
