@@ -10,13 +10,11 @@ in-process worker, Redis, SQLite and the demo models (a copy whose demo style ha
 
 from __future__ import annotations
 
-import contextlib
 import io
 import shutil
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from PIL import Image
 
@@ -29,7 +27,7 @@ from tests.backend.test_explore_service import add_demo_directions
 from tests.backend.test_finetune_job import dataset_zip
 from tests.bots.test_discord_e2e import answer, discord_stack, photo, user, with_image
 from tests.bots.test_instant import instant_models  # noqa: F401 - a copy of the demo models with a student
-from tests.bots.test_telegram_e2e import ADA, ALICE, BOB, said, shown, telegram_stack
+from tests.bots.test_telegram_e2e import ADA, ALICE, BOB, said, shown
 from tests.fakes.discord import ADMINISTRATOR
 from tests.fakes.telegram import FakeTelegram
 
@@ -44,16 +42,6 @@ def explore_models(instant_models, tmp_path_factory) -> Path:  # noqa: F811
     shutil.copytree(instant_models, out, dirs_exist_ok=True)
     add_demo_directions(out)
     return out
-
-
-@pytest_asyncio.fixture
-async def start_telegram(tmp_path, redis_url, redis):  # noqa: F811
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(**env: str) -> tuple[FakeTelegram, ToonService]:
-            return await stack.enter_async_context(telegram_stack(tmp_path, redis_url, env))
-
-        yield start
 
 
 def gif_frames(data: bytes) -> int:

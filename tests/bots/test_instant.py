@@ -5,13 +5,11 @@ listed in its manifest, for the tests that need one ready)."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 
 from backend.db.models import Job, JobKind
@@ -20,7 +18,7 @@ from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noq
 from tests.backend.stack import astronaut, running_worker
 from tests.backend.student_fixtures import TINY
 from tests.bots.test_discord_e2e import answer, discord_stack, photo, user
-from tests.bots.test_telegram_e2e import ADA, ALICE, BOB, said, shown, telegram_stack
+from tests.bots.test_telegram_e2e import ADA, ALICE, BOB, said, shown
 from tests.fakes.discord import ADMINISTRATOR
 from tests.fakes.telegram import FakeTelegram
 
@@ -47,17 +45,6 @@ def instant_models(tmp_path_factory) -> Path:
     path = save_student(student, out / "students" / "demo_tiny.safetensors")
     add_student_to_manifest(out, "demo", StudentEntry.for_student(path, student, out))
     return out
-
-
-@pytest_asyncio.fixture
-async def start_telegram(tmp_path, redis_url, redis):  # noqa: F811
-    """``fake, service = await start_telegram(**env)``: the Telegram bot runs until the test ends."""
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(**env: str) -> tuple[FakeTelegram, ToonService]:
-            return await stack.enter_async_context(telegram_stack(tmp_path, redis_url, env))
-
-        yield start
 
 
 async def toon_jobs(service: ToonService) -> list[Job]:

@@ -24,7 +24,6 @@ from gan import pipeline
 from gan.styles import DEMO_DIR
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
 from tests.backend.stack import astronaut, running_worker
-from tests.bots.test_instant import start_telegram  # noqa: F401  (a fixture)
 from tests.bots.test_telegram_e2e import ALICE, said
 from tests.test_styles_admin import config_f_downloads  # noqa: F401  (a fixture)
 
@@ -47,7 +46,7 @@ async def finished_toons(service: ToonService) -> dict[str, Job]:
 
 
 @pytest.mark.asyncio
-async def test_downloads_become_a_live_style(config_f_downloads, start_telegram, tmp_path, monkeypatch):  # noqa: F811
+async def test_downloads_become_a_live_style(config_f_downloads, start_telegram, tmp_path, monkeypatch):  # noqa: F811 (config_f_downloads)
     base_pkl, toon_pt = config_f_downloads
     models = tmp_path / "models"
     shutil.copytree(DEMO_DIR, models)  # the demo style stays; the new one comes beside it
