@@ -4,19 +4,24 @@ request; a manifest an operator breaks mid-edit does not take the styles away (t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import pytest_asyncio
+from sqlalchemy.engine import make_url
 
 from backend.config import Settings
-from backend.errors import BadInputError, NotFoundError
+from backend.errors import BadInputError, NotFoundError, UnavailableError
 from backend.health import check_models
 from backend.service import ToonService
 from gan.styles import DEMO_DIR, update_manifest
 from tests.backend.redis_fixtures import embedded_redis, redis, redis_url  # noqa: F401
 from tests.backend.stack import actor, astronaut, events_until_done, running_worker
+from tests.backend.test_unavailable import _HOLD_SQLITE_LOCK
 
 
 @pytest.fixture
@@ -88,3 +93,31 @@ async def test_styles_follow_the_manifest_and_survive_a_broken_edit(service, mod
         ticket = await service.submit_toon(actor(1), None, astronaut(1), mode="fast")
         events = await events_until_done(service, ticket.job_id)
     assert events[-1].status == "done" and (await service.result(ticket.job_id)).style == "demo"
+
+
+@pytest.mark.asyncio
+async def test_a_locked_database_during_the_resync_is_named_then_synced(tmp_path, models, redis_url, redis):  # noqa: F811
+    """Another process holds SQLite's write lock when a manifest change needs syncing: the request fails within
+    the statement timeout with the usual message naming the database (no hang, no raw driver error), and the
+    first request after the lock is gone makes the new style visible."""
+    settings = Settings.from_env(
+        {"TOONIFY_DATA_DIR": str(tmp_path / "data"), "REDIS_URL": redis_url, "TOONIFY_MODELS_DIR": str(models),
+         "TOONIFY_DB_STATEMENT_TIMEOUT_S": "1"}
+    )  # fmt: skip
+    svc = await ToonService.open(settings)
+    holder = None
+    try:
+        update_manifest(models, lambda d: d["styles"].update(demo8={**d["styles"]["demo"], "students": []}))
+        db_file = make_url(settings.database_url).database
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_SQLITE_LOCK, db_file], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert await asyncio.to_thread(holder.stdout.readline) == "locked\n"
+        with pytest.raises(UnavailableError, match="locked by another writer"):
+            await asyncio.wait_for(svc.set_style(actor(1), None, "demo8"), 60)
+        holder.communicate("\n", timeout=30)
+        holder = None
+        assert (await svc.set_style(actor(1), None, "demo8")).name == "demo8"
+    finally:
+        if holder is not None:
+            holder.communicate("\n", timeout=30)
+        await svc.close()
